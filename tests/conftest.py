@@ -1,0 +1,43 @@
+"""Test setup: CPU only, float32, shared tiny configs built from the presets."""
+
+import dataclasses
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+from gemma import config as C  # noqa: E402
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+FAMILIES = ("e_style", "dense_keqv", "moe")
+
+
+def tiny(preset: str, **overrides) -> C.ModelConfig:
+  """A small config of a preset's structural family (same flags, tiny sizes)."""
+  base = C.get_preset(preset)
+  small = dict(name=f"tiny-{preset}", vocab_size=96, embed_dim=32, num_heads=4, head_dim=8,
+               global_head_dim=16, ffn_dim=48, sliding_window=4)
+  if preset in ("gemma4-e2b", "gemma4-e4b"):
+    small.update(num_layers=10, layer_types=C.pattern(10, 5), num_kv_heads=1,
+                 num_kv_shared_layers=4, ple_dim=8, ple_vocab_size=96)
+  elif preset == "gemma4-26b-a4b":
+    small.update(num_layers=6, layer_types=C.pattern(6, 6), num_kv_heads=2,
+                 num_global_kv_heads=1, num_experts=4, top_k_experts=2, moe_ffn_dim=16)
+  else:
+    small.update(num_layers=6, layer_types=C.pattern(6, 6), num_kv_heads=2,
+                 num_global_kv_heads=1)
+  small.update(overrides)
+  return dataclasses.replace(base, **small)
+
+
+TINY_PRESETS = ("gemma4-e2b", "gemma4-26b-a4b", "gemma4-31b")
+
+
+@pytest.fixture(params=TINY_PRESETS)
+def tiny_cfg(request):
+  return tiny(request.param)
+
+
+def fixture_dir(name: str) -> str:
+  return os.path.join(FIXTURES, name)
