@@ -66,9 +66,9 @@ def _dtype(name: str | None):
 
 
 def _load(args):
-  from gemma.checkpoint import load_hf
+  from gemma.checkpoint import load
 
-  return load_hf(args.checkpoint, _dtype(args.dtype))
+  return load(args.checkpoint, _dtype(args.dtype))
 
 
 def _eos_ids(cfg, checkpoint: str) -> tuple[int, ...]:

@@ -204,12 +204,15 @@ def build_fixture(name: str, out_dir: Path) -> dict:
     assert reload_diff <= 1e-5, f"{name}: reload changed logits by {reload_diff:.2e} (rel)"
 
     ref_dtype = str(ref.dtype).removeprefix("torch.")
+    # The reference's own bfloat16 logits: the yardstick for a bfloat16 reimplementation.
+    logits_bf16 = forward(copy.deepcopy(model).to(torch.bfloat16), prompt).float()
     np.savez(
         out_dir / "reference.npz",
         prompt_ids=prompt.numpy().astype(np.int32),
         logits=logits64.numpy(),
         greedy_ids=greedy_ids.numpy().astype(np.int32),
         full_logits=full64.numpy(),
+        logits_bf16=logits_bf16.numpy().astype(np.float32),
         reference_dtype=np.array(ref_dtype),
         experts_implementation=np.array(experts_impl),
         min_margin=np.array(margin, dtype=np.float64),
@@ -232,7 +235,7 @@ def write_readme(out: Path, rows: list[dict]) -> None:
         "moe": "26B-A4B-style: 6 layers LLLLLG, MoE (8 experts, top-2, expert I=16) + dense "
         "shared MLP (F=64), k_eq_v full layer (1 KV head vs 2), head_dim 16 / global 32, no PLE.",
     }
-    venv = Path(sys.prefix)
+    venv = ".venv-ref"
     lines = [
         "# Gemma 4 reference fixtures",
         "",
@@ -252,7 +255,8 @@ def write_readme(out: Path, rows: list[dict]) -> None:
         "Each directory: `config.json` + `model.safetensors` (float32, `save_pretrained`), "
         "`reference.npz`: `prompt_ids` [T] int32, `logits` [T, V] (prompt forward, after "
         "soft-cap), `greedy_ids` [8] int32 (greedy, full re-forward per step, no cache), "
-        "`full_logits` [T+8, V] (one forward over prompt + greedy ids), `reference_dtype`, "
+        "`full_logits` [T+8, V] (one forward over prompt + greedy ids), `logits_bf16` [T, V] "
+        "(the reference run in bfloat16 over the prompt), `reference_dtype`, "
         "`experts_implementation`, `min_margin` (smallest top-1 minus top-2 gap on the greedy "
         "steps), `seed`.",
         "",

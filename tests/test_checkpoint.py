@@ -10,8 +10,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from gemma import params as P
-from gemma.checkpoint import CheckpointError, load_hf, map_name
+from gemma.checkpoint import CheckpointError, load, load_hf
 from gemma.cli import main
+from gemma.formats.common import Skip
+from gemma.formats.hf import map_name
 from tests.conftest import fixture_dir
 
 SRC = fixture_dir("e_style")
@@ -103,20 +105,24 @@ def test_not_a_checkpoint(tmp_path):
     load_hf(tmp_path / "nope")
   with pytest.raises(CheckpointError, match="no config.json"):
     load_hf(tmp_path)
+  with pytest.raises(CheckpointError, match="does not exist"):
+    load(tmp_path / "nope")
 
 
 def test_map_name_table():
-  assert map_name("layers.7.self_attn.q_proj.weight")[0] == ("layers.7.attn.q",)
-  assert map_name("layers.3.experts.gate_up_proj")[0] == ("layers.3.moe.gate", "layers.3.moe.up")
-  assert map_name("layers.3.post_feedforward_layernorm_1.weight")[0] == (
+  assert map_name("model.layers.7.self_attn.q_proj.weight").targets == ("layers.7.attn.q",)
+  assert map_name("model.language_model.layers.3.experts.gate_up_proj").targets == (
+      "layers.3.moe.gate", "layers.3.moe.up")
+  assert map_name("model.layers.3.post_feedforward_layernorm_1.weight").targets == (
       "layers.3.moe.dense_post_norm",)
-  assert map_name("layers.3.self_attn.v_norm.weight") is None
+  assert map_name("model.layers.3.self_attn.v_norm.weight") is None
+  assert isinstance(map_name("model.vision_tower.x.weight"), Skip)
 
 
 def test_cli_reports_bad_input(tmp_path, capsys):
   assert main(["logits", "--checkpoint", str(tmp_path / "x"), "--prompt-ids", "2,3",
                "--out", str(tmp_path / "o.npy")]) == 2
-  assert "not a directory" in capsys.readouterr().err
+  assert "does not exist" in capsys.readouterr().err
   assert main(["logits", "--checkpoint", SRC, "--prompt-ids", "2,99999",
                "--out", str(tmp_path / "o.npy")]) == 2
   assert "out of range" in capsys.readouterr().err

@@ -102,3 +102,15 @@ def test_proportional_rope_frequencies():
   assert len(freqs) == 256
   assert freqs[0] == 1.0 and freqs[63] == pytest.approx(1e6 ** (-126 / 512))
   assert all(f == 0 for f in freqs[64:])
+
+
+def test_named_ablations():
+  from configs.ablations import ablate
+
+  base = C.get_preset("gemma4-e2b")
+  cfg = ablate(base, "no_kv_sharing", "no_ple")
+  assert cfg.name == "gemma4-e2b+no_kv_sharing+no_ple"
+  assert not cfg.use_ple and all(not s.shares_kv for s in cfg.layers)
+  assert all(s.window is None for s in ablate(base, "all_global").layers)
+  with pytest.raises(ValueError, match="valid: no_kv_sharing"):
+    ablate(base, "no_such_thing")

@@ -1,0 +1,1 @@
+"""Checkpoint formats; `gemma.checkpoint.load` detects which one a path is."""

@@ -1,0 +1,138 @@
+"""Hugging Face directories: config.json + safetensors (single or sharded with an index).
+
+Gemma4ForConditionalGeneration (`model.language_model.` prefix) and Gemma4ForCausalLM
+(`model.`); vision/audio towers and multimodal projections are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from gemma.config import ModelConfig, from_hf_config
+from gemma.formats.common import (
+  CheckpointError,
+  Loader,
+  Mapped,
+  RegexTable,
+  Skip,
+  assemble,
+  linear,
+  same,
+  split_gate_up,
+  swap_last,
+)
+from gemma.params import Params
+
+# Text-decoder prefixes: Gemma4ForConditionalGeneration, then Gemma4ForCausalLM.
+TEXT_PREFIXES = ("model.language_model.", "model.")
+MULTIMODAL = re.compile(r"^model\.(vision_tower|audio_tower|embed_vision|embed_audio|"
+                        r"multi_modal_projector)\.")
+
+L = r"layers\.(\d+)\."
+TABLE = RegexTable([
+    (r"embed_tokens\.weight", ("embed",), same),
+    (r"norm\.weight", ("final_norm",), same),
+    (r"embed_tokens_per_layer\.weight", ("ple_embed",), same),
+    (r"per_layer_model_projection\.weight", ("ple_proj",), linear),
+    (r"per_layer_projection_norm\.weight", ("ple_norm",), same),
+    (L + r"input_layernorm\.weight", ("layers.{0}.attn_pre_norm",), same),
+    (L + r"post_attention_layernorm\.weight", ("layers.{0}.attn_post_norm",), same),
+    (L + r"pre_feedforward_layernorm\.weight", ("layers.{0}.mlp_pre_norm",), same),
+    (L + r"post_feedforward_layernorm\.weight", ("layers.{0}.mlp_post_norm",), same),
+    (L + r"self_attn\.q_proj\.weight", ("layers.{0}.attn.q",), linear),
+    (L + r"self_attn\.k_proj\.weight", ("layers.{0}.attn.k",), linear),
+    (L + r"self_attn\.v_proj\.weight", ("layers.{0}.attn.v",), linear),
+    (L + r"self_attn\.o_proj\.weight", ("layers.{0}.attn.o",), linear),
+    (L + r"self_attn\.q_norm\.weight", ("layers.{0}.attn.q_norm",), same),
+    (L + r"self_attn\.k_norm\.weight", ("layers.{0}.attn.k_norm",), same),
+    (L + r"mlp\.gate_proj\.weight", ("layers.{0}.mlp.gate",), linear),
+    (L + r"mlp\.up_proj\.weight", ("layers.{0}.mlp.up",), linear),
+    (L + r"mlp\.down_proj\.weight", ("layers.{0}.mlp.down",), linear),
+    (L + r"layer_scalar", ("layers.{0}.scalar",), same),
+    (L + r"per_layer_input_gate\.weight", ("layers.{0}.ple.gate",), linear),
+    (L + r"per_layer_projection\.weight", ("layers.{0}.ple.proj",), linear),
+    (L + r"post_per_layer_input_norm\.weight", ("layers.{0}.ple.norm",), same),
+    (L + r"router\.proj\.weight", ("layers.{0}.moe.router",), linear),
+    (L + r"router\.scale", ("layers.{0}.moe.router_scale",), same),
+    (L + r"router\.per_expert_scale", ("layers.{0}.moe.expert_scale",), same),
+    (L + r"experts\.gate_up_proj", ("layers.{0}.moe.gate", "layers.{0}.moe.up"), split_gate_up),
+    (L + r"experts\.down_proj", ("layers.{0}.moe.down",), swap_last),
+    (L + r"pre_feedforward_layernorm_2\.weight", ("layers.{0}.moe.pre_norm",), same),
+    (L + r"post_feedforward_layernorm_1\.weight", ("layers.{0}.moe.dense_post_norm",), same),
+    (L + r"post_feedforward_layernorm_2\.weight", ("layers.{0}.moe.post_norm",), same),
+])
+
+
+def map_name(name: str) -> Mapped | Skip | None:
+  """Maps a full HF tensor name (with its model prefix) to param names and a transform."""
+  if MULTIMODAL.match(name):
+    return Skip("vision/audio tensors (text model only)")
+  if name == "lm_head.weight":
+    return Skip("tied output head tensor (the embedding is used)")
+  prefix = next((p for p in TEXT_PREFIXES if name.startswith(p)), None)
+  return TABLE(name[len(prefix):]) if prefix else None
+
+
+def is_hf_dir(path: Path) -> bool:
+  return path.is_dir() and (path / "config.json").exists() and (
+      any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists())
+
+
+def safetensors_files(path: Path) -> list[Path]:
+  """The safetensors files of an HF directory (single file or sharded with an index)."""
+  index = path / "model.safetensors.index.json"
+  if index.exists():
+    weight_map = json.loads(index.read_text())["weight_map"]
+    files = [path / f for f in sorted(set(weight_map.values()))]
+    absent = [f.name for f in files if not f.exists()]
+    if absent:
+      raise CheckpointError(f"{path}: shards listed in the index are missing: {absent}")
+    return files
+  files = sorted(path.glob("*.safetensors"))
+  if not files:
+    raise CheckpointError(f"{path}: no *.safetensors files")
+  return files
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, Loader]]:
+  """Yields (name, loader) for every tensor, reading lazily one tensor at a time."""
+  from safetensors import safe_open
+
+  for f in files:
+    try:
+      handle = safe_open(str(f), framework="numpy")
+      names = list(handle.keys())
+    except Exception as e:  # truncated or not a safetensors file
+      raise CheckpointError(f"{f}: cannot read safetensors header ({e})") from None
+    for name in names:
+      yield name, (lambda h=handle, n=name, f=f: _read(h, n, f))
+
+
+def _read(handle, name: str, f: Path) -> np.ndarray:
+  try:
+    return handle.get_tensor(name)
+  except Exception as e:
+    raise CheckpointError(f"{f}: cannot read tensor {name!r} ({e})") from None
+
+
+def read_config(path: Path) -> ModelConfig:
+  cfg_file = path / "config.json"
+  if not cfg_file.exists():
+    raise CheckpointError(f"{path}: no config.json")
+  try:
+    hf = json.loads(cfg_file.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+  return from_hf_config(hf, name=path.name)
+
+
+def load(path: Path, dtype, cfg: ModelConfig | None = None) -> tuple[ModelConfig, Params]:
+  """Loads an HF Gemma directory. Returns (config, params cast to dtype)."""
+  cfg = cfg or read_config(path)
+  tensors = iter_safetensors(safetensors_files(path))
+  return cfg, assemble(cfg, tensors, map_name, dtype, source=str(path))
