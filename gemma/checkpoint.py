@@ -15,7 +15,7 @@ from gemma.formats import hf
 from gemma.formats.common import CheckpointError
 from gemma.params import Params
 
-__all__ = ["CheckpointError", "detect_format", "load", "load_hf"]
+__all__ = ["CheckpointError", "detect_format", "inspect", "load", "load_hf"]
 
 
 def detect_format(path: str | Path) -> str:
@@ -28,6 +28,12 @@ def detect_format(path: str | Path) -> str:
   if not path.is_dir():
     raise CheckpointError(f"checkpoint {path} is not a directory")
   raise CheckpointError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
+
+
+def inspect(path: str | Path) -> tuple[str, ModelConfig]:
+  """(format name, config) of a checkpoint, without reading any tensor."""
+  fmt = detect_format(path)
+  return fmt, {"hf": hf.read_config}[fmt](Path(path))
 
 
 def load(path: str | Path, dtype=jnp.bfloat16,

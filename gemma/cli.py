@@ -3,12 +3,16 @@
   gemma4 generate --checkpoint PATH (--prompt TEXT | --prompt-ids 2,17,5) --max-new-tokens N
                   [--temperature T] [--top-k K] [--top-p P] [--seed S]
                   [--dtype float32|bfloat16] [--json]
+                  [--chat [--system TEXT] [--thinking]]
   gemma4 logits   --checkpoint PATH --prompt-ids 2,17,5 --out FILE.npy [--dtype float32]
+  gemma4 chat     --checkpoint PATH [--system TEXT] [--thinking] [--max-new-tokens N] [sampling]
+  gemma4 info     --checkpoint PATH
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -37,17 +41,36 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="parameter/activation dtype (default: float32 on CPU, else bfloat16)")
 
+  def sampling(p, max_new_tokens=None):
+    p.add_argument("--max-new-tokens", type=int, required=max_new_tokens is None,
+                   default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 disables top-p")
+    p.add_argument("--seed", type=int, default=0)
+
+  def chat_flags(p):
+    p.add_argument("--system", default=None, help="system prompt of the chat")
+    p.add_argument("--thinking", action="store_true", help="Gemma 4 thinking mode")
+
   gen = sub.add_parser("generate", help="generate tokens from a prompt")
   common(gen)
   prompt = gen.add_mutually_exclusive_group(required=True)
   prompt.add_argument("--prompt", help="prompt text (needs a tokenizer in the checkpoint)")
   prompt.add_argument("--prompt-ids", type=_ids, help="comma-separated prompt token ids")
-  gen.add_argument("--max-new-tokens", type=int, required=True)
-  gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-  gen.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
-  gen.add_argument("--top-p", type=float, default=1.0, help="1 disables top-p")
-  gen.add_argument("--seed", type=int, default=0)
+  sampling(gen)
   gen.add_argument("--json", action="store_true", help="last stdout line is a JSON object")
+  gen.add_argument("--chat", action="store_true",
+                   help="wrap --prompt as one user turn in the model's chat template")
+  chat_flags(gen)
+
+  ch = sub.add_parser("chat", help="interactive chat, streaming tokens as they are decoded")
+  common(ch)
+  sampling(ch, max_new_tokens=512)
+  chat_flags(ch)
+
+  info = sub.add_parser("info", help="format, config, parameter count and bytes")
+  info.add_argument("--checkpoint", required=True)
 
   lg = sub.add_parser("logits", help="save float32 logits [T, V] of one forward pass")
   common(lg)
@@ -87,26 +110,65 @@ def _tokenizer(checkpoint: str):
   return load_tokenizer(checkpoint)
 
 
-def cmd_generate(args) -> int:
-  from gemma.decode import generate
+def _sampler(args):
   from gemma.sampling import Sampler
 
-  sampler = Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
   if args.max_new_tokens < 1:
     raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-  tokenizer = _tokenizer(args.checkpoint) if args.prompt is not None else None
-  cfg, params = _load(args)
-  prompt = tokenizer.encode(args.prompt) if tokenizer else args.prompt_ids
-  bad = [i for i in prompt if not 0 <= i < cfg.vocab_size]
+  return Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+
+def _check_ids(ids, cfg) -> None:
+  bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
   if bad:
     raise ValueError(f"prompt ids out of range [0, {cfg.vocab_size}): {bad[:10]}")
 
-  def stream(ids):
-    if not args.json:
-      print(tokenizer.decode(ids) if tokenizer else f"{ids[0]} ", end="", flush=True)
 
+def _messages(args, user: str):
+  from gemma.chat import Message
+
+  system = [Message("system", args.system)] if args.system else []
+  return [*system, Message("user", user)]
+
+
+class _Stream:
+  """Prints decoded text as tokens arrive (re-decoding the tail keeps multi-byte pieces whole)."""
+
+  def __init__(self, tokenizer, enabled: bool = True):
+    self.tokenizer, self.enabled, self.ids, self.shown = tokenizer, enabled, [], ""
+
+  def __call__(self, ids):
+    if not self.enabled:
+      return
+    self.ids.append(ids[0])
+    if self.tokenizer is None:
+      print(f"{ids[0]} ", end="", flush=True)
+      return
+    text = self.tokenizer.decode(self.ids)
+    if not text.endswith("\ufffd"):  # wait for the rest of a split UTF-8 character
+      print(text[len(self.shown):], end="", flush=True)
+      self.shown = text
+
+
+def cmd_generate(args) -> int:
+  from gemma import chat
+  from gemma.decode import generate
+
+  sampler = _sampler(args)
+  use_chat = args.chat or args.system is not None or args.thinking
+  if use_chat and args.prompt is None:
+    raise ValueError("--chat, --system and --thinking need --prompt TEXT")
+  tokenizer = _tokenizer(args.checkpoint) if args.prompt is not None else None
+  cfg, params = _load(args)
+  eos = set(_eos_ids(cfg, args.checkpoint))
+  if use_chat:
+    prompt = chat.chat_prompt(tokenizer, _messages(args, args.prompt), thinking=args.thinking)
+    eos.update(chat.stop_ids(tokenizer))
+  else:
+    prompt = tokenizer.encode(args.prompt) if tokenizer else args.prompt_ids
+  _check_ids(prompt, cfg)
   result = generate(params, cfg, [prompt], args.max_new_tokens, sampler, seed=args.seed,
-                    eos_ids=_eos_ids(cfg, args.checkpoint), on_token=stream)
+                    eos_ids=sorted(eos), on_token=_Stream(tokenizer, enabled=not args.json))
   out = dict(
       token_ids=result.tokens[0], prompt_ids=list(prompt),
       prefill_tokens_per_s=result.prefill_tokens_per_s,
@@ -122,6 +184,58 @@ def cmd_generate(args) -> int:
   return 0
 
 
+def cmd_chat(args, stdin=None) -> int:
+  """Interactive chat: each input line is a user turn; an empty line or EOF ends it."""
+  from gemma import chat
+  from gemma.decode import generate
+
+  sampler = _sampler(args)
+  tokenizer = _tokenizer(args.checkpoint)
+  cfg, params = _load(args)
+  stop = sorted(set(_eos_ids(cfg, args.checkpoint)) | set(chat.stop_ids(tokenizer)))
+  history = [chat.Message("system", args.system)] if args.system else []
+  stdin = stdin or sys.stdin
+  print(f"{cfg.name}: chat (empty line or Ctrl-D to quit)", file=sys.stderr)
+  turn = 0
+  while True:
+    print("> ", end="", flush=True, file=sys.stderr)
+    line = stdin.readline()
+    if not line.strip():
+      return 0
+    history.append(chat.Message("user", line.rstrip("\n")))
+    prompt = chat.chat_prompt(tokenizer, history, thinking=args.thinking)
+    result = generate(params, cfg, [prompt], args.max_new_tokens, sampler,
+                      seed=args.seed + turn, eos_ids=stop, on_token=_Stream(tokenizer))
+    reply = [i for i in result.tokens[0] if i not in stop]
+    history.append(chat.Message("model", tokenizer.decode(reply)))
+    print(f"\n[{result.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
+    turn += 1
+
+
+def cmd_info(args) -> int:
+  import jax
+
+  from gemma.checkpoint import inspect
+  from gemma.params import abstract, count_breakdown
+
+  fmt, cfg = inspect(args.checkpoint)
+  path = Path(args.checkpoint)
+  files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+  print(f"checkpoint: {path}\nformat: {fmt}\nmodel: {cfg.name}")
+  print(f"files: {len(files)}, {sum(f.stat().st_size for f in files) / 1e9:.3f} GB on disk")
+  print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in count_breakdown(cfg).items()))
+  for dtype in ("bfloat16", "float32"):
+    n = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract(cfg, dtype)))
+    print(f"bytes as {dtype}: {n:,} ({n / 1e9:.3f} GB)")
+  print("config:")
+  for field in dataclasses.fields(cfg):
+    value = getattr(cfg, field.name)
+    if field.name == "layer_types":
+      value = "".join("G" if t.name == "GLOBAL" else "L" for t in value)
+    print(f"  {field.name}: {value}")
+  return 0
+
+
 def cmd_logits(args) -> int:
   import jax
   import jax.numpy as jnp
@@ -130,9 +244,7 @@ def cmd_logits(args) -> int:
 
   cfg, params = _load(args)
   ids = args.prompt_ids
-  bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
-  if bad:
-    raise ValueError(f"prompt ids out of range [0, {cfg.vocab_size}): {bad[:10]}")
+  _check_ids(ids, cfg)
   tokens = jnp.asarray([ids], jnp.int32)
   positions = jnp.arange(len(ids), dtype=jnp.int32)[None]
   logits, _ = jax.jit(forward, static_argnames="cfg")(params, tokens, positions, cfg)
@@ -146,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
   from gemma.checkpoint import CheckpointError
 
   try:
-    return {"generate": cmd_generate, "logits": cmd_logits}[args.command](args)
+    commands = {"generate": cmd_generate, "logits": cmd_logits, "chat": cmd_chat,
+                "info": cmd_info}
+    return commands[args.command](args)
   except (CheckpointError, ValueError, FileNotFoundError) as e:
     print(f"gemma4: error: {e}", file=sys.stderr)
     return 2

@@ -1,4 +1,10 @@
-"""SentencePiece tokenizer of a checkpoint directory (no jax)."""
+"""Tokenizers (no jax): SentencePiece `tokenizer.model`, a SentencePiece model rebuilt from GGUF
+metadata, or Hugging Face `tokenizer.json` when that is all a checkpoint has.
+
+All expose one small interface: `encode(text, add_bos)`, `decode(ids)`, `piece_to_id(piece)`,
+`vocab_size`, `bos_id`, `eos_id`. Special tokens such as `<|turn>` are never parsed out of text:
+chat rendering (gemma/chat.py) inserts their ids directly.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +12,93 @@ from pathlib import Path
 
 
 class Tokenizer:
-  """Thin wrapper over a SentencePiece model: `encode` adds <bos> unless told not to."""
+  """A SentencePiece tokenizer: `encode` adds <bos> unless told not to."""
 
-  def __init__(self, model_file: str | Path, bos_id: int = 2):
+  def __init__(self, processor, source: str):
+    self.sp = processor
+    self.source = source
+
+  @classmethod
+  def from_file(cls, model_file: str | Path) -> Tokenizer:
     import sentencepiece as spm
 
-    self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
-    self.bos_id = bos_id
+    try:
+      return cls(spm.SentencePieceProcessor(model_file=str(model_file)), str(model_file))
+    except Exception as e:  # sentencepiece raises OSError/RuntimeError on bad files
+      raise ValueError(f"{model_file}: not a SentencePiece model ({e})") from None
+
+  @classmethod
+  def from_proto(cls, proto: bytes, source: str) -> Tokenizer:
+    import sentencepiece as spm
+
+    return cls(spm.SentencePieceProcessor(model_proto=proto), source)
+
+  @property
+  def vocab_size(self) -> int:
+    return self.sp.get_piece_size()
+
+  @property
+  def bos_id(self) -> int:
+    return self.sp.bos_id()
+
+  @property
+  def eos_id(self) -> int:
+    return self.sp.eos_id()
+
+  def piece_to_id(self, piece: str) -> int | None:
+    i = self.sp.piece_to_id(piece)
+    return None if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i) else i
 
   def encode(self, text: str, add_bos: bool = True) -> list[int]:
     ids = list(self.sp.encode(text))
     return [self.bos_id, *ids] if add_bos else ids
 
-  def decode(self, ids: list[int]) -> str:
-    return self.sp.decode(list(ids))
+  def decode(self, ids) -> str:
+    return self.sp.decode([int(i) for i in ids])
 
 
-def load_tokenizer(checkpoint: str | Path) -> Tokenizer:
-  path = Path(checkpoint) / "tokenizer.model"
-  if not path.exists():
-    raise FileNotFoundError(f"{checkpoint} has no tokenizer.model: pass --prompt-ids instead")
-  return Tokenizer(path)
+class HFTokenizer:
+  """A Hugging Face `tokenizer.json` (via the `tokenizers` library)."""
+
+  def __init__(self, path: str | Path, bos: str = "<bos>", eos: str = "<eos>"):
+    from tokenizers import Tokenizer as HFTok
+
+    try:
+      self.tok = HFTok.from_file(str(path))
+    except Exception as e:
+      raise ValueError(f"{path}: not a tokenizer.json ({e})") from None
+    self.source = str(path)
+    self.bos_id = self.tok.token_to_id(bos)
+    self.eos_id = self.tok.token_to_id(eos)
+
+  @property
+  def vocab_size(self) -> int:
+    return self.tok.get_vocab_size(with_added_tokens=True)
+
+  def piece_to_id(self, piece: str) -> int | None:
+    return self.tok.token_to_id(piece)
+
+  def encode(self, text: str, add_bos: bool = True) -> list[int]:
+    ids = self.tok.encode(text, add_special_tokens=False).ids
+    return [self.bos_id, *ids] if add_bos and self.bos_id is not None else list(ids)
+
+  def decode(self, ids) -> str:
+    return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def load_tokenizer(checkpoint: str | Path):
+  """The tokenizer of a checkpoint: a GGUF file's metadata, else `tokenizer.model`, else
+  `tokenizer.json` in the checkpoint directory."""
+  path = Path(checkpoint)
+  if path.is_file() and path.suffix == ".gguf":
+    from gemma.tokenizer_gguf import tokenizer_from_gguf
+
+    return tokenizer_from_gguf(path)
+  folder = path if path.is_dir() else path.parent
+  if (folder / "tokenizer.model").exists():
+    return Tokenizer.from_file(folder / "tokenizer.model")
+  if (folder / "tokenizer.json").exists():
+    return HFTokenizer(folder / "tokenizer.json")
+  raise FileNotFoundError(
+      f"{checkpoint} has no tokenizer (tokenizer.model, tokenizer.json or GGUF metadata): "
+      "pass --prompt-ids instead")
