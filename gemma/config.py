@@ -276,7 +276,8 @@ def from_hf_config(hf: Mapping[str, Any], name: str = "hf") -> ModelConfig:
       num_kv_shared_layers=int(hf.get("num_kv_shared_layers") or 0),
       double_wide_mlp=bool(hf.get("use_double_wide_mlp", False)),
       ple_dim=int(ple_dim or 0),
-      ple_vocab_size=int(hf.get("vocab_size_per_layer_input") or hf["vocab_size"]) if ple_dim else 0,
+      ple_vocab_size=(int(hf.get("vocab_size_per_layer_input") or hf["vocab_size"])
+                      if ple_dim else 0),
       num_experts=num_experts,
       top_k_experts=int(hf.get("top_k_experts") or 0) if num_experts else 0,
       moe_ffn_dim=int(hf.get("moe_intermediate_size") or 0) if num_experts else 0,

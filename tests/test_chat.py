@@ -25,8 +25,8 @@ def _sentencepiece(specials) -> bytes:
 
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(TEXT), model_writer=model, vocab_size=VOCAB, model_type="bpe", normalization_rule_name="identity",
-      remove_extra_whitespaces=False, add_dummy_prefix=False,
+      sentence_iterator=iter(TEXT), model_writer=model, vocab_size=VOCAB, model_type="bpe",
+      normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
       pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
       bos_piece="<bos>", unk_piece="<unk>", user_defined_symbols=specials,
       byte_fallback=True, minloglevel=2)
