@@ -228,6 +228,10 @@ def from_hf_config(hf: Mapping[str, Any], name: str = "hf") -> ModelConfig:
   `num_global_key_value_heads` overrides of the released configs and the `per_layer_config`
   that `save_pretrained` writes (which wins when present).
   """
+  from gemma.formats.gemma3_config import from_hf_gemma3_config, is_gemma3_config
+
+  if is_gemma3_config(hf):
+    return from_hf_gemma3_config(hf, name)
   top = hf
   hf = hf.get("text_config") or hf
   num_layers = int(hf["num_hidden_layers"])

@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 from gemma import config as C  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
-FAMILIES = ("e_style", "dense_keqv", "moe")
+FAMILIES = ("e_style", "dense_keqv", "moe", "gemma3")
 
 
 def tiny(preset: str, **overrides) -> C.ModelConfig:

@@ -28,10 +28,12 @@ from gemma.formats.common import (
 )
 from gemma.params import Params
 
-# Text-decoder prefixes: Gemma4ForConditionalGeneration, then Gemma4ForCausalLM.
-TEXT_PREFIXES = ("model.language_model.", "model.")
-MULTIMODAL = re.compile(r"^model\.(vision_tower|audio_tower|embed_vision|embed_audio|"
+# Text-decoder prefixes: Gemma 4 conditional generation,
+# Gemma 3 conditional generation as transformers 5 saves it, then the causal LMs.
+TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+MULTIMODAL = re.compile(r"^(model\.)?(vision_tower|audio_tower|embed_vision|embed_audio|"
                         r"multi_modal_projector)\.")
+TIED_HEADS = ("lm_head.weight", "language_model.lm_head.weight")
 
 L = r"layers\.(\d+)\."
 TABLE = RegexTable([
@@ -72,7 +74,7 @@ def map_name(name: str) -> Mapped | Skip | None:
   """Maps a full HF tensor name (with its model prefix) to param names and a transform."""
   if MULTIMODAL.match(name):
     return Skip("vision/audio tensors (text model only)")
-  if name == "lm_head.weight":
+  if name in TIED_HEADS:
     return Skip("tied output head tensor (the embedding is used)")
   prefix = next((p for p in TEXT_PREFIXES if name.startswith(p)), None)
   return TABLE(name[len(prefix):]) if prefix else None
