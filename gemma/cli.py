@@ -7,6 +7,7 @@
   gemma4 logits   --checkpoint PATH --prompt-ids 2,17,5 --out FILE.npy [--dtype float32]
   gemma4 chat     --checkpoint PATH [--system TEXT] [--thinking] [--max-new-tokens N] [sampling]
   gemma4 info     --checkpoint PATH
+  gemma4 convert  --checkpoint IN --out DIR [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from gemma.config import PRESETS
 
 DTYPES = ("float32", "bfloat16")
 
@@ -36,10 +39,12 @@ def _parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(prog="gemma4", description="Gemma 4 in JAX")
   sub = ap.add_subparsers(dest="command", required=True)
 
-  def common(p):
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="parameter/activation dtype (default: float32 on CPU, else bfloat16)")
+  def common(p, dtype_help="parameter/activation dtype (default: float32 on CPU, else bfloat16)"):
+    p.add_argument("--checkpoint", required=True,
+                   help="HF directory, .gguf file, Orbax checkpoint or converted directory")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help=dtype_help)
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="config of an official Orbax checkpoint (default: inferred)")
 
   def sampling(p, max_new_tokens=None):
     p.add_argument("--max-new-tokens", type=int, required=max_new_tokens is None,
@@ -71,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
 
   info = sub.add_parser("info", help="format, config, parameter count and bytes")
   info.add_argument("--checkpoint", required=True)
+  info.add_argument("--preset", choices=list(PRESETS), default=None)
+
+  conv = sub.add_parser("convert", help="write an Orbax checkpoint of our params")
+  common(conv, dtype_help="stored dtype (default bfloat16)")
+  conv.add_argument("--out", required=True, help="output directory")
+  conv.add_argument("--force", action="store_true", help="overwrite an existing --out")
 
   lg = sub.add_parser("logits", help="save float32 logits [T, V] of one forward pass")
   common(lg)
@@ -91,7 +102,7 @@ def _dtype(name: str | None):
 def _load(args):
   from gemma.checkpoint import load
 
-  return load(args.checkpoint, _dtype(args.dtype))
+  return load(args.checkpoint, _dtype(args.dtype), preset=args.preset)
 
 
 def _eos_ids(cfg, checkpoint: str) -> tuple[int, ...]:
@@ -218,7 +229,7 @@ def cmd_info(args) -> int:
   from gemma.checkpoint import inspect
   from gemma.params import abstract, count_breakdown
 
-  fmt, cfg = inspect(args.checkpoint)
+  fmt, cfg = inspect(args.checkpoint, preset=args.preset)
   path = Path(args.checkpoint)
   files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
   print(f"checkpoint: {path}\nformat: {fmt}\nmodel: {cfg.name}")
@@ -233,6 +244,19 @@ def cmd_info(args) -> int:
     if field.name == "layer_types":
       value = "".join("G" if t.name == "GLOBAL" else "L" for t in value)
     print(f"  {field.name}: {value}")
+  return 0
+
+
+def cmd_convert(args) -> int:
+  import jax.numpy as jnp
+
+  from gemma.config import get_preset
+  from gemma.formats.converted import convert
+
+  cfg = get_preset(args.preset) if args.preset else None
+  out = convert(args.checkpoint, args.out, jnp.dtype(args.dtype or "bfloat16"), cfg=cfg,
+                force=args.force)
+  print(f"wrote {out}")
   return 0
 
 
@@ -259,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
 
   try:
     commands = {"generate": cmd_generate, "logits": cmd_logits, "chat": cmd_chat,
-                "info": cmd_info}
+                "info": cmd_info, "convert": cmd_convert}
     return commands[args.command](args)
   except (CheckpointError, ValueError, FileNotFoundError) as e:
     print(f"gemma4: error: {e}", file=sys.stderr)

@@ -15,7 +15,6 @@ import sys
 from collections.abc import Callable, Iterable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gemma.config import ModelConfig
@@ -145,7 +144,8 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Loader]],
     for target, a in zip(mapped.targets, out if len(shapes) > 1 else [out], strict=True):
       if target in values:
         unexpected.append(f"{name} (second source for {target})")
-      values[target] = jnp.asarray(a, dtype)
+      # one host copy at most (jnp.asarray would make two of a numpy array)
+      values[target] = jax.device_put(np.asarray(a).astype(dtype, copy=False))
     del arr, out
   for reason, n in skipped.items():
     log(f"skipped {n} {reason}")
