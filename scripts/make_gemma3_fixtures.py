@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from make_reference_fixtures import forward, greedy  # same greedy/forward as Gemma 4
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 VOCAB = 512
 PROMPT_LEN = 28
-N_GREEDY = 8
 MIN_MARGIN = 5e-3
 MIN_DISTINCT = 6  # distinct ids among the greedy tokens: rejects copy/repeat loops
 MAX_NOISE = 2e-5  # max|f32 - f64| / max|f64| of the reference itself, on prompt + greedy
@@ -83,24 +83,6 @@ def make_prompt() -> torch.Tensor:
   """Fixed prompt: bos followed by ids in [3, VOCAB)."""
   gen = torch.Generator().manual_seed(3000)
   return torch.cat([torch.tensor([2]), torch.randint(3, VOCAB, (PROMPT_LEN - 1,), generator=gen)])
-
-
-@torch.no_grad()
-def forward(model: Gemma3ForCausalLM, ids: torch.Tensor) -> torch.Tensor:
-  """Full forward, no cache; returns logits [T, V] as float64."""
-  return model(input_ids=ids[None], use_cache=False).logits[0].double()
-
-
-@torch.no_grad()
-def greedy(model: Gemma3ForCausalLM, prompt: torch.Tensor) -> tuple[torch.Tensor, float]:
-  """Greedy continuation by repeated full forwards; returns (new ids, min top-2 margin)."""
-  ids, margins = prompt.clone(), []
-  for _ in range(N_GREEDY):
-    last = forward(model, ids)[-1]
-    top2 = last.topk(2).values
-    margins.append(float(top2[0] - top2[1]))
-    ids = torch.cat([ids, last.argmax()[None]])
-  return ids[len(prompt):], min(margins)
 
 
 def check_saved_config(out: Path) -> None:
