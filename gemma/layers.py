@@ -10,11 +10,30 @@ import jax
 import jax.numpy as jnp
 
 from gemma.config import RopeConfig, rope_inv_freq
+from gemma.quant.qarray import QArray
+from gemma.quant.qarray import einsum as quantized_einsum
+from gemma.quant.qarray import ragged_dot as quantized_ragged_dot
 
 
-def einsum(spec: str, x: jax.Array, w) -> jax.Array:
-  """`jnp.einsum(spec, x, w)` for activations `x` and a weight `w`; the output has x's dtype."""
-  return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+def einsum(spec: str, x: jax.Array, w, out_dtype=None) -> jax.Array:
+  """`jnp.einsum(spec, x, w)` for activations `x` and a weight `w`, output in `out_dtype`
+  (default x's dtype), accumulated in float32.
+
+  A quantized weight (`gemma.quant.QArray`) runs as (Π x) · (scale ⊙ table[code]): the activation
+  is rotated once per input block, the weight is never rotated back (gemma/quant/qarray.py).
+  """
+  if isinstance(w, QArray):
+    return quantized_einsum(spec, x, w, out_dtype=out_dtype)
+  out = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+  return out.astype(out_dtype or x.dtype)
+
+
+def ragged_dot(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
+  """Grouped matmul: rows of x [M, D] in consecutive groups times w [G, D, O] -> [M, O]."""
+  if isinstance(w, QArray):
+    return quantized_ragged_dot(x, w, group_sizes)
+  out = jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes, preferred_element_type=jnp.float32)
+  return out.astype(x.dtype)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array | None, eps: float = 1e-6,

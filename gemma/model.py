@@ -107,7 +107,7 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelC
     h = jax.lax.dynamic_index_in_dim(h, logits_at, axis=1, keepdims=False)
   h = rms_norm(h, params.final_norm, eps=cfg.rms_eps, plus_one=cfg.norm_plus_one)
   spec_out = "btd,vd->btv" if h.ndim == 3 else "bd,vd->bv"
-  logits = jnp.einsum(spec_out, h, params.embed.astype(dtype), preferred_element_type=jnp.float32)
+  logits = einsum(spec_out, h, params.embed, out_dtype=jnp.float32)
   logits = softcap(logits, cfg.final_softcap)
   if cache is None:
     return logits, None

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from gemma.config import ModelConfig
-from gemma.layers import einsum, gelu, mlp, rms_norm
+from gemma.layers import einsum, gelu, mlp, ragged_dot, rms_norm
 from gemma.params import Layer
 
 
@@ -43,15 +43,10 @@ def experts(x: jax.Array, weights: jax.Array, ids: jax.Array, gate, up, down) ->
   rows = x[order // k]
   group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
 
-  def grouped(lhs, w):
-    out = jax.lax.ragged_dot(lhs, w.astype(lhs.dtype), group_sizes,
-                             preferred_element_type=jnp.float32)
-    return out.astype(lhs.dtype)
-
   # [A, I]
-  hidden = gelu(grouped(rows, gate)) * grouped(rows, up)
+  hidden = gelu(ragged_dot(rows, gate, group_sizes)) * ragged_dot(rows, up, group_sizes)
   # [A, D] back in (token, slot) order
-  out = jnp.zeros_like(rows).at[order].set(grouped(hidden, down))
+  out = jnp.zeros_like(rows).at[order].set(ragged_dot(hidden, down, group_sizes))
   out = out.reshape(m, k, -1).astype(jnp.float32) * weights[..., None]
   return jnp.sum(out, axis=1).astype(x.dtype)
 

@@ -1,0 +1,122 @@
+"""Bytes of a model under a recipe, from `gemma.params.abstract(cfg)` (nothing is allocated).
+
+`quantized_abstract(cfg, recipe)` is the params tree with `QArray`s of `jax.ShapeDtypeStruct`s in
+place of quantized weights: the exact shapes `recipes.quantize_params` produces (a test checks it
+against `jax.eval_shape`). Run `python -m gemma.quant.footprint` for the table of every preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from gemma import config as C
+from gemma import params as P
+from gemma.cache import cache_size
+from gemma.quant import packing
+from gemma.quant.qarray import Layout, QArray, QuantSpec, plan_block
+from gemma.quant.recipes import CLASSES, RECIPES, Recipe, get_recipe, layout_of, tensor_class
+
+GIB = 2 ** 30
+
+
+@functools.lru_cache(maxsize=4096)
+def abstract_qarray(shape: tuple[int, ...], dtype: str, spec: QuantSpec, layout: Layout) -> QArray:
+  """The QArray that quantizing a `shape` weight gives, with ShapeDtypeStruct children."""
+  batch, in_shape, out_shape = layout.split(shape)
+  g, n_pad = plan_block(math.prod(in_shape), spec.block)
+  spec = dataclasses.replace(spec, block=g)
+
+  def stored(m, dt):
+    s = (*batch, *out_shape, m) if layout.in_last else (*batch, m, *out_shape)
+    return jax.ShapeDtypeStruct(s, dt)
+
+  words = packing.packed_length(n_pad, spec.code_bits)
+  scales = stored(n_pad // g, jnp.dtype(spec.scale_dtype))
+  prod = spec.method == "tq_prod"
+  return QArray(codes=stored(words, jnp.uint32), scales=scales,
+                qjl=stored(packing.packed_length(n_pad, 1), jnp.uint32) if prod else None,
+                gamma=scales if prod else None, spec=spec, layout=layout, shape=shape,
+                dtype_name=dtype)
+
+
+def quantized_abstract(cfg: C.ModelConfig, recipe: Recipe | str, dtype=jnp.bfloat16):
+  """abstract(cfg) with quantized classes as abstract QArrays and the rest in recipe.float_dtype."""
+  recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+
+  def one(path, leaf):
+    name = P.path_name(path)
+    spec = recipe.spec_for(tensor_class(name))
+    if spec is None:
+      return jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(recipe.float_dtype))
+    return abstract_qarray(tuple(leaf.shape), jnp.dtype(dtype).name, spec, layout_of(name))
+
+  return jax.tree_util.tree_map_with_path(one, P.abstract(cfg, dtype))
+
+
+def _nbytes(tree) -> int:
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+             for x in jax.tree_util.tree_leaves(tree))
+
+
+def footprint(cfg: C.ModelConfig, recipe: Recipe | str) -> dict:
+  """Bytes and weights per tensor class ("float" for scales) and in total, under a recipe.
+
+  Returns:
+    {"total_bytes", "params", "bits_per_weight", "classes": {cls: {"bytes", "params"}}}.
+  """
+  tree = quantized_abstract(cfg, recipe)
+  leaves = jax.tree_util.tree_leaves_with_path(
+      tree, is_leaf=lambda x: isinstance(x, QArray))
+  classes = {c: dict(bytes=0, params=0) for c in (*CLASSES, "float")}
+  for path, leaf in leaves:
+    c = classes[tensor_class(P.path_name(path)) or "float"]
+    c["bytes"] += _nbytes(leaf)
+    c["params"] += math.prod(leaf.shape)
+  classes = {k: v for k, v in classes.items() if v["params"]}
+  total = sum(v["bytes"] for v in classes.values())
+  n = sum(v["params"] for v in classes.values())
+  return dict(total_bytes=total, params=n, bits_per_weight=8 * total / n, classes=classes)
+
+
+def kv_cache_bytes(cfg: C.ModelConfig, context: int, batch: int = 1, itemsize: int = 2) -> int:
+  """Bytes of the KV cache (gemma.cache layout: K and V per non-shared layer) at `context`."""
+  total = 0
+  for spec in cfg.layers:
+    if not spec.shares_kv:
+      slots = cache_size(cfg, spec.index, context)
+      total += 2 * batch * slots * spec.num_kv_heads * spec.head_dim * itemsize
+  return total
+
+
+def table(presets=tuple(C.PRESETS), recipes=tuple(RECIPES), context: int = 32_768) -> str:
+  """A text table: GiB and bits per weight of each preset under each recipe, plus the KV cache."""
+  lines = [f"{'preset':<16}{'recipe':<10}{'GiB':>8}{'bits/w':>8}{'+kv@' + str(context):>12}"
+           f"  per class GiB"]
+  for name in presets:
+    cfg = C.get_preset(name)
+    kv = kv_cache_bytes(cfg, context)
+    for r in recipes:
+      f = footprint(cfg, r)
+      per = " ".join(f"{k}={v['bytes'] / GIB:.2f}" for k, v in f["classes"].items())
+      lines.append(f"{name:<16}{r:<10}{f['total_bytes'] / GIB:>8.2f}"
+                   f"{f['bits_per_weight']:>8.3f}{(f['total_bytes'] + kv) / GIB:>12.2f}  {per}")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--presets", nargs="*", default=list(C.PRESETS))
+  ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
+  ap.add_argument("--context", type=int, default=32_768, help="KV cache length (bf16, batch 1)")
+  args = ap.parse_args(argv)
+  print(table(args.presets, args.recipes, args.context))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,126 @@
+"""Quantization recipes as data: which quantizer each class of tensor gets, and applying them.
+
+Tensor classes (from the dotted leaf names of `gemma.params`):
+  embed       embed [V, D]: the token table and the tied LM head ('btd,vd->btv')
+  attention   layers.N.attn.{q, k, v, o}
+  mlp         layers.N.mlp.{gate, up, down} (the dense MLP, also the shared MLP of MoE layers)
+  experts     layers.N.moe.{gate, up, down} [E, ...]
+  router      layers.N.moe.router [D, E]
+  ple_table   ple_embed [V_ple, L, P] (per-layer embedding table, read by row)
+  ple_proj    ple_proj [D, L, P], layers.N.ple.{gate, proj}
+Norm scales, layer scalars and router/expert scales have no class: they always stay float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+
+from gemma import params as P
+from gemma.quant import baselines, turboquant
+from gemma.quant.qarray import MATH_LAYOUT, Layout, QArray, QuantSpec
+
+CLASSES = ("embed", "attention", "mlp", "experts", "router", "ple_table", "ple_proj")
+
+_CLASS_PATTERNS = (
+    ("embed", r"embed"),
+    ("ple_table", r"ple_embed"),
+    ("ple_proj", r"ple_proj|layers\.\d+\.ple\.(gate|proj)"),
+    ("attention", r"layers\.\d+\.attn\.(q|k|v|o)"),
+    ("mlp", r"layers\.\d+\.mlp\.(gate|up|down)"),
+    ("experts", r"layers\.\d+\.moe\.(gate|up|down)"),
+    ("router", r"layers\.\d+\.moe\.router"),
+)
+
+
+def tensor_class(name: str) -> str | None:
+  """Class of a params leaf ("layers.3.attn.q" -> "attention"); None for scales that stay float."""
+  for cls, pattern in _CLASS_PATTERNS:
+    if re.fullmatch(pattern, name):
+      return cls
+  return None
+
+
+def layout_of(name: str) -> Layout:
+  """Batch / input / output axes of a params leaf (see gemma/notation.py)."""
+  if name in ("embed", "ple_embed"):
+    return Layout(in_last=True)  # [V, D] and [V, L, P]: rows are read by token id
+  if name.endswith("attn.o"):
+    return Layout(in_ndim=2)  # [N, H, D]
+  if ".moe." in name and not name.endswith("router"):
+    return Layout(batch_ndim=1)  # [E, D, I] / [E, I, D]
+  return Layout()
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """A quantizer per tensor class (absent: keep float) and the dtype of what stays float."""
+
+  name: str
+  specs: tuple[tuple[str, QuantSpec], ...] = ()
+  float_dtype: str = "bfloat16"
+
+  def spec_for(self, cls: str | None) -> QuantSpec | None:
+    return dict(self.specs).get(cls)
+
+
+def tq(bits: int, **kw) -> QuantSpec:
+  return QuantSpec(method="tq", bits=bits, **kw)
+
+
+def _rtn(bits: int) -> QuantSpec:
+  return QuantSpec(method="int", bits=bits, rotation="none")
+
+
+_WEIGHTS = ("embed", "attention", "mlp", "experts", "ple_table", "ple_proj")  # router stays float
+
+
+def uniform(name: str, spec: QuantSpec) -> Recipe:
+  return Recipe(name, tuple((cls, spec) for cls in _WEIGHTS))
+
+
+RECIPES: dict[str, Recipe] = {
+    "bf16": Recipe("bf16"),
+    "tq4": uniform("tq4", tq(4)),
+    "tq3": uniform("tq3", tq(3)),
+    "tq2": uniform("tq2", tq(2)),
+    # 4 bits where errors reach every token directly (embedding / LM head, attention, PLE
+    # projections), 3 bits for the bulk of the weights (FFN, experts, PLE table).
+    "tq-mixed": Recipe("tq-mixed", (
+        ("embed", tq(4)), ("attention", tq(4)), ("ple_proj", tq(4)),
+        ("mlp", tq(3)), ("experts", tq(3)), ("ple_table", tq(3)))),
+    "int8": uniform("int8", _rtn(8)),
+    "int4": uniform("int4", _rtn(4)),
+    "nf4": uniform("nf4", QuantSpec(method="nf4", bits=4, rotation="none")),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+  if name not in RECIPES:
+    raise KeyError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}")
+  return RECIPES[name]
+
+
+def quantize(w: jax.Array, spec: QuantSpec, layout: Layout = MATH_LAYOUT) -> QArray:
+  """Quantizes one weight with any method."""
+  if spec.method in ("tq", "tq_prod"):
+    return turboquant.quantize_weight(w, spec, layout)
+  return baselines.quantize_weight(w, spec, layout)
+
+
+def quantize_params(params: P.Params, recipe: Recipe | str) -> P.Params:
+  """The params tree with every weight of a quantized class replaced by its QArray.
+
+  Each weight is quantized by one jitted call (compiled once per shape), so layers of equal
+  shapes share a compilation; the float weights are kept as they are.
+  """
+  recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+
+  def one(path, leaf):
+    name = P.path_name(path)
+    spec = recipe.spec_for(tensor_class(name))
+    return leaf if spec is None else quantize(leaf, spec, layout_of(name))
+
+  return jax.tree_util.tree_map_with_path(one, params)
