@@ -215,9 +215,10 @@ def _rope_from_hf(params: Mapping[str, Any] | None, default_theta: float) -> Rop
                     factor=float(factor))
 
 
-def _eos_ids(value: Any) -> tuple[int, ...]:
+def eos_ids_from_hf(value: Any, default: tuple[int, ...] = (1,)) -> tuple[int, ...]:
+  """An HF `eos_token_id` (int, list or None) as a tuple of ids."""
   if value is None:
-    return (1,)
+    return default
   return tuple(int(v) for v in value) if isinstance(value, Sequence) else (int(value),)
 
 
@@ -292,7 +293,7 @@ def from_hf_config(hf: Mapping[str, Any], name: str = "hf") -> ModelConfig:
       max_position_embeddings=int(hf.get("max_position_embeddings", 131_072)),
       pad_id=int(hf.get("pad_token_id") or 0),
       bos_id=int(hf.get("bos_token_id") or 2),
-      eos_ids=_eos_ids(top.get("eos_token_id", hf.get("eos_token_id"))),
+      eos_ids=eos_ids_from_hf(top.get("eos_token_id", hf.get("eos_token_id"))),
   )
 
 

@@ -17,10 +17,10 @@ Two config.json spellings are accepted, as the reference does:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-from gemma.config import AttentionType, ModelConfig, RopeConfig
+from gemma.config import AttentionType, ModelConfig, RopeConfig, eos_ids_from_hf
 
 MODEL_TYPES = ("gemma3", "gemma3_text")
 
@@ -95,12 +95,6 @@ def _ropes(hf: Mapping[str, Any]) -> tuple[RopeConfig, RopeConfig]:
   return local, _rope(full, float(_get(hf, "rope_theta")), "full_attention")
 
 
-def _eos_ids(value: Any) -> tuple[int, ...]:
-  if value is None:
-    return ()
-  return tuple(int(v) for v in value) if isinstance(value, Sequence) else (int(value),)
-
-
 def from_hf_gemma3_config(hf: Mapping[str, Any], name: str = "hf") -> ModelConfig:
   """Builds a ModelConfig from a Gemma 3 config.json dict (`gemma3_text`, or `gemma3` with a
   `text_config`). Raises NotImplementedError for features this decoder does not model."""
@@ -150,5 +144,5 @@ def from_hf_gemma3_config(hf: Mapping[str, Any], name: str = "hf") -> ModelConfi
       max_position_embeddings=max_pos,
       pad_id=int(_get(text, "pad_token_id") or 0),
       bos_id=int(_get(text, "bos_token_id") or 2),
-      eos_ids=_eos_ids(eos),
+      eos_ids=eos_ids_from_hf(eos, default=()),
   )

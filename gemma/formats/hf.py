@@ -80,11 +80,6 @@ def map_name(name: str) -> Mapped | Skip | None:
   return TABLE(name[len(prefix):]) if prefix else None
 
 
-def is_hf_dir(path: Path) -> bool:
-  return path.is_dir() and (path / "config.json").exists() and (
-      any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists())
-
-
 def safetensors_files(path: Path) -> list[Path]:
   """The safetensors files of an HF directory (single file or sharded with an index)."""
   index = path / "model.safetensors.index.json"
