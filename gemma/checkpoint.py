@@ -57,19 +57,34 @@ def inspect(path: str | Path, preset: str | None = None) -> tuple[str, ModelConf
 
 
 def load(path: str | Path, dtype=jnp.bfloat16, cfg: ModelConfig | None = None,
-         preset: str | None = None) -> tuple[ModelConfig, Params]:
+         preset: str | None = None, quant=None,
+         float_dtype=None) -> tuple[ModelConfig, Params]:
   """Loads any supported checkpoint. Returns (config, params cast to `dtype`).
 
   `cfg` overrides the checkpoint's own config; `preset` names the config of an official Orbax
-  checkpoint (inferred from its shapes when omitted).
+  checkpoint (inferred from its shapes when omitted). `quant` (a recipe or its name, see
+  `gemma.quant.recipes`) quantizes each weight as soon as it is read, so the model is never
+  whole in full precision. A checkpoint written by `gemma4 quantize` loads quantized as it is;
+  asking for the recipe it was quantized with is a no-op, any other recipe is an error.
+  `float_dtype` casts the weights `quant` keeps in float (default: `dtype`).
   """
   fmt = detect_format(path)
   if preset is not None and cfg is None:
     cfg = get_preset(preset)
+  finish = None
+  if quant is not None:
+    from gemma.quant.recipes import quantizer, resolve
+
+    recipe = resolve(quant)
+    stored = converted.read_recipe(path) if fmt == "converted" else None
+    if stored is not None and stored.name != recipe.name:
+      raise CheckpointError(f"{path} is already quantized with recipe {stored.name!r}; "
+                            f"cannot load it as {recipe.name!r}")
+    finish = None if stored is not None else quantizer(recipe, float_dtype)
   if fmt == "orbax":
-    return orbax_official.load(Path(path), dtype, cfg)
+    return orbax_official.load(Path(path), dtype, cfg, finish=finish)
   return {"hf": hf.load, "gguf": gguf.load, "converted": converted.load}[fmt](
-      Path(path), dtype, cfg)
+      Path(path), dtype, cfg, finish=finish)
 
 
 def load_hf(path: str | Path, dtype=jnp.bfloat16,

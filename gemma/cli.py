@@ -2,12 +2,19 @@
 
   gemma4 generate --checkpoint PATH (--prompt TEXT | --prompt-ids 2,17,5) --max-new-tokens N
                   [--temperature T] [--top-k K] [--top-p P] [--seed S]
-                  [--dtype float32|bfloat16] [--json]
+                  [--dtype float32|bfloat16] [--quant RECIPE] [--json]
                   [--chat [--system TEXT] [--thinking]]
   gemma4 logits   --checkpoint PATH --prompt-ids 2,17,5 --out FILE.npy [--dtype float32]
+                  [--quant RECIPE]
   gemma4 chat     --checkpoint PATH [--system TEXT] [--thinking] [--max-new-tokens N] [sampling]
+                  [--quant RECIPE]
+  gemma4 eval     --checkpoint PATH --text FILE [--quant RECIPE] [--context 1024]
+                  [--max-tokens N] [--json]
   gemma4 info     --checkpoint PATH
   gemma4 convert  --checkpoint IN --out DIR [--dtype bfloat16]
+  gemma4 quantize --checkpoint IN --recipe RECIPE --out DIR [--dtype bfloat16]
+
+RECIPE: tq4, tq3, tq2, tq-mixed (TurboQuant), int8, int4 (g128), nf4, bf16 (gemma.quant.recipes).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from gemma.config import PRESETS
+from gemma.quant.recipes import RECIPES
 
 DTYPES = ("float32", "bfloat16")
 
@@ -54,12 +62,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="1 disables top-p")
     p.add_argument("--seed", type=int, default=0)
 
+  def quant_flag(p):
+    p.add_argument("--quant", choices=list(RECIPES), default=None,
+                   help="quantize the weights on load with this recipe")
+
   def chat_flags(p):
     p.add_argument("--system", default=None, help="system prompt of the chat")
     p.add_argument("--thinking", action="store_true", help="Gemma 4 thinking mode")
 
   gen = sub.add_parser("generate", help="generate tokens from a prompt")
   common(gen)
+  quant_flag(gen)
   prompt = gen.add_mutually_exclusive_group(required=True)
   prompt.add_argument("--prompt", help="prompt text (needs a tokenizer in the checkpoint)")
   prompt.add_argument("--prompt-ids", type=_ids, help="comma-separated prompt token ids")
@@ -71,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
 
   ch = sub.add_parser("chat", help="interactive chat, streaming tokens as they are decoded")
   common(ch)
+  quant_flag(ch)
   sampling(ch, max_new_tokens=512)
   chat_flags(ch)
 
@@ -85,8 +99,26 @@ def _parser() -> argparse.ArgumentParser:
 
   lg = sub.add_parser("logits", help="save float32 logits [T, V] of one forward pass")
   common(lg)
+  quant_flag(lg)
   lg.add_argument("--prompt-ids", type=_ids, required=True)
   lg.add_argument("--out", required=True, help="output .npy file")
+
+  ev = sub.add_parser("eval", help="perplexity of a text file; with --quant also KL divergence "
+                      "and top-1 agreement against the unquantized model")
+  common(ev)
+  quant_flag(ev)
+  ev.add_argument("--text", required=True, help="UTF-8 text file to score")
+  ev.add_argument("--context", type=int, default=1024,
+                  help="window length in tokens, BOS included (default 1024)")
+  ev.add_argument("--max-tokens", type=int, default=0,
+                  help="score only the first N tokens of the text (0: all)")
+  ev.add_argument("--json", action="store_true", help="last stdout line is a JSON object")
+
+  qz = sub.add_parser("quantize", help="quantize a checkpoint tensor by tensor and save it")
+  common(qz, dtype_help="stored dtype of the tensors kept in float (default bfloat16)")
+  qz.add_argument("--recipe", choices=list(RECIPES), required=True)
+  qz.add_argument("--out", required=True, help="output directory (loads like any checkpoint)")
+  qz.add_argument("--force", action="store_true", help="overwrite an existing --out")
   return ap
 
 
@@ -99,10 +131,13 @@ def _dtype(name: str | None):
   return jnp.dtype(name)
 
 
-def _load(args):
+def _load(args, quantize: bool = True):
+  """(cfg, params) of --checkpoint in --dtype, quantized on load by --quant unless `quantize`
+  is False."""
   from gemma.checkpoint import load
 
-  return load(args.checkpoint, _dtype(args.dtype), preset=args.preset)
+  quant = getattr(args, "quant", None) if quantize else None
+  return load(args.checkpoint, _dtype(args.dtype), preset=args.preset, quant=quant)
 
 
 def _eos_ids(cfg, checkpoint: str) -> tuple[int, ...]:
@@ -280,10 +315,12 @@ def cmd_logits(args) -> int:
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   from gemma.checkpoint import CheckpointError
+  from gemma.cli_quant import cmd_eval, cmd_quantize
 
   try:
     commands = {"generate": cmd_generate, "logits": cmd_logits, "chat": cmd_chat,
-                "info": cmd_info, "convert": cmd_convert}
+                "info": cmd_info, "convert": cmd_convert, "quantize": cmd_quantize,
+                "eval": cmd_eval}
     return commands[args.command](args)
   except (CheckpointError, ValueError, FileNotFoundError) as e:
     print(f"gemma4: error: {e}", file=sys.stderr)

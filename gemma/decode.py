@@ -88,7 +88,7 @@ def prefill(params: Params, cfg: ModelConfig, tokens: np.ndarray, positions: np.
 class Generation:
   tokens: list[list[int]]  # generated ids per row (stopping EOS included, nothing after it)
   prompt_tokens: int
-  compile_s: float  # prefill compilation, excluded from prefill_s
+  compile_s: float  # prefill and decode-step compilation, excluded from prefill_s and decode_s
   prefill_s: float
   decode_s: float
   decode_steps: int
@@ -99,7 +99,7 @@ class Generation:
 
   @property
   def decode_tokens_per_s(self) -> float:
-    """Steady-state decode speed per row (the first, compiling step excluded)."""
+    """Steady-state decode speed per row (compiled ahead of time; the first step excluded)."""
     return self.decode_steps / self.decode_s if self.decode_s else 0.0
 
 
@@ -108,11 +108,21 @@ def _signature(args) -> tuple:
   return treedef, tuple((x.shape, x.dtype) for x in leaves)
 
 
+def _abstract(treedef, shapes: tuple):
+  return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in shapes])
+
+
 @functools.lru_cache(maxsize=32)
 def _compiled_prefill(cfg: ModelConfig, treedef, shapes: tuple):
   """Ahead-of-time compiled prefill for one argument signature (so timings exclude compiling)."""
-  args = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in shapes])
-  return prefill_step.lower(*args, cfg=cfg).compile()
+  return prefill_step.lower(*_abstract(treedef, shapes), cfg=cfg).compile()
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_decode(cfg: ModelConfig, sampler: Sampler, treedef, shapes: tuple):
+  """Ahead-of-time compiled decode step: one executable for every step, whatever placement the
+  arrays carry (a jitted call would recompile when e.g. restored params are committed)."""
+  return decode_step.lower(*_abstract(treedef, shapes), cfg=cfg, sampler=sampler).compile()
 
 
 def check_capacity(cfg: ModelConfig, prompt_len: int, max_new_tokens: int,
@@ -151,6 +161,8 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
   args = (params, *bucket_inputs(cfg, tokens, positions), cache)
   t0 = time.perf_counter()
   compiled = _compiled_prefill(cfg, *_signature(args))
+  step_args = (params, jnp.zeros((b,), jnp.int32), cache, key)
+  compiled_step = _compiled_decode(cfg, sampler, *_signature(step_args))
   compile_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   logits, cache = compiled(*args)
@@ -172,10 +184,10 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     if done.all() or step == max_new_tokens - 1:
       break
     t0 = time.perf_counter()
-    next_ids, _, cache = decode_step(params, jnp.asarray(ids), cache,
-                                     jax.random.fold_in(key, step + 1), cfg, sampler)
+    next_ids, _, cache = compiled_step(params, jnp.asarray(ids, jnp.int32), cache,
+                                       jax.random.fold_in(key, step + 1))
     next_ids = jax.block_until_ready(next_ids)
-    if step > 0:  # step 0 compiles
+    if step > 0:  # step 0 warms up (first run of the executable)
       decode_s += time.perf_counter() - t0
       steps += 1
   return Generation(tokens=out, prompt_tokens=int((positions >= 0).sum()), compile_s=compile_s,

@@ -31,6 +31,20 @@ def tiny(preset: str, **overrides) -> C.ModelConfig:
   return dataclasses.replace(base, **small)
 
 
+@pytest.fixture(scope="session")
+def e_style_ckpt(tmp_path_factory):
+  """The e_style fixture (HF directory) plus a small SentencePiece tokenizer (vocab 512)."""
+  import shutil
+
+  from tests.test_chat import GEMMA4_SPECIALS, _sentencepiece
+
+  path = tmp_path_factory.mktemp("e_style_ckpt")
+  for f in ("config.json", "generation_config.json", "model.safetensors"):
+    shutil.copy(os.path.join(FIXTURES, "e_style", f), path / f)
+  (path / "tokenizer.model").write_bytes(_sentencepiece(GEMMA4_SPECIALS))
+  return path
+
+
 TINY_PRESETS = ("gemma4-e2b", "gemma4-26b-a4b", "gemma4-31b")
 
 

@@ -2,26 +2,13 @@
 
 import io
 import json
-import shutil
-
-import pytest
 
 from gemma import cli
 from tests.conftest import fixture_dir
-from tests.test_chat import GEMMA4_SPECIALS, _sentencepiece
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-  """The e_style fixture plus a small SentencePiece tokenizer (ids < its vocab of 512)."""
-  path = tmp_path_factory.mktemp("ckpt")
-  for f in ("config.json", "model.safetensors"):
-    shutil.copy(f"{fixture_dir('e_style')}/{f}", path / f)
-  (path / "tokenizer.model").write_bytes(_sentencepiece(GEMMA4_SPECIALS))
-  return path
-
-
-def test_generate_chat_json(ckpt, capsys):
+def test_generate_chat_json(e_style_ckpt, capsys):
+  ckpt = e_style_ckpt
   assert cli.main(["generate", "--checkpoint", str(ckpt), "--prompt", "Hi there", "--chat",
                    "--system", "Be brief.", "--max-new-tokens", "5", "--json"]) == 0
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -33,20 +20,23 @@ def test_generate_chat_json(ckpt, capsys):
   assert 1 <= len(out["token_ids"]) <= 5 and isinstance(out["text"], str)
 
 
-def test_generate_text_prompt_streams(ckpt, capsys):
+def test_generate_text_prompt_streams(e_style_ckpt, capsys):
+  ckpt = e_style_ckpt
   assert cli.main(["generate", "--checkpoint", str(ckpt), "--prompt", "hello",
                    "--max-new-tokens", "4"]) == 0
   assert "decode" in capsys.readouterr().out
 
 
-def test_interactive_chat(ckpt, capsys):
+def test_interactive_chat(e_style_ckpt, capsys):
+  ckpt = e_style_ckpt
   args = cli._parser().parse_args(["chat", "--checkpoint", str(ckpt), "--max-new-tokens", "3"])
   assert cli.cmd_chat(args, stdin=io.StringIO("Hello\nAnd again\n\n")) == 0
   err = capsys.readouterr().err
   assert err.count("tok/s]") == 2
 
 
-def test_chat_flags_need_text_prompt(ckpt, capsys):
+def test_chat_flags_need_text_prompt(e_style_ckpt, capsys):
+  ckpt = e_style_ckpt
   assert cli.main(["generate", "--checkpoint", str(ckpt), "--prompt-ids", "2,3", "--chat",
                    "--max-new-tokens", "2"]) == 2
   assert "need --prompt" in capsys.readouterr().err

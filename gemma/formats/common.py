@@ -22,6 +22,9 @@ from gemma.params import Params, abstract, leaf_names
 
 Loader = Callable[[], np.ndarray]
 Transform = Callable[..., np.ndarray | list[np.ndarray]]
+# (param name, array cast to the load dtype) -> the leaf to keep: quantize-on-load hooks in here,
+# so a quantized model never holds all of its weights in full precision at once.
+Finish = Callable[[str, jax.Array], object]
 
 
 class CheckpointError(ValueError):
@@ -105,10 +108,12 @@ def progress(done: int, total: int, what: str = "loading tensors") -> None:
 
 
 def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Loader]],
-             mapper: Callable[[str], Mapped | Skip | None], dtype, source: str) -> Params:
+             mapper: Callable[[str], Mapped | Skip | None], dtype, source: str,
+             finish: Finish | None = None) -> Params:
   """Builds params from a tensor stream. Raises CheckpointError listing every problem.
 
-  Tensors a KV-shared layer does not use (dead K/V copies) are accepted and ignored.
+  Tensors a KV-shared layer does not use (dead K/V copies) are accepted and ignored. `finish`
+  turns each leaf, as soon as it is read, into what is kept (e.g. its quantized form).
   """
   tree = abstract(cfg, dtype)
   leaves, treedef = jax.tree_util.tree_flatten(tree)
@@ -145,7 +150,8 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Loader]],
       if target in values:
         unexpected.append(f"{name} (second source for {target})")
       # one host copy at most (jnp.asarray would make two of a numpy array)
-      values[target] = jax.device_put(np.asarray(a).astype(dtype, copy=False))
+      leaf = jax.device_put(np.asarray(a).astype(dtype, copy=False))
+      values[target] = finish(target, leaf) if finish else leaf
     del arr, out
   for reason, n in skipped.items():
     log(f"skipped {n} {reason}")

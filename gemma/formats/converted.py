@@ -2,15 +2,21 @@
 
 Layout of a converted directory:
 
-    gemma_config.json   {"format": "gemma4-jax-converted", "version": 1, "config": {...}}
+    gemma_config.json   {"format": "gemma4-jax-converted", "version": 1, "config": {...},
+                         "quant": {recipe} (quantized checkpoints only)}
     params/             Orbax PyTree checkpoint (OCDBT, uncompressed) of the params as a nested
-                        dict keyed like `leaf_names` ("layers" -> "3" -> "attn" -> "q")
+                        dict keyed like `leaf_names` ("layers" -> "3" -> "attn" -> "q"); in a
+                        quantized checkpoint a quantized weight is a dict of its QArray children
+                        ("layers.3.attn.q.codes", ".scales"), whose static metadata (spec, layout,
+                        shape) follows from the config and the recipe
     tokenizer.model     optional copy of the tokenizer
     generation_config.json  optional copy from an HF source
 
-Loading checks every leaf's shape against `abstract(cfg)` from the metadata before reading data,
-then restores the whole tree in one StandardCheckpointer call straight into arrays of the
-requested dtype (Orbax/TensorStore cast while reading, so the host never holds a second copy).
+Loading checks every leaf's shape against `abstract(cfg)` (or its quantized form) from the
+metadata before reading data, then restores the whole tree in one StandardCheckpointer call
+straight into arrays of the requested dtype (Orbax/TensorStore cast while reading, so the host
+never holds a second copy). With a `finish` hook (quantize on load) it restores one top-level
+group (the embedding, one layer, ...) at a time instead.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import jax
 import numpy as np
 
 from gemma.config import ModelConfig
-from gemma.formats.common import CheckpointError, log
+from gemma.formats.common import CheckpointError, Finish, log
 from gemma.params import Params, abstract, leaf_names
 
 FORMAT = "gemma4-jax-converted"
@@ -121,15 +127,28 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def expected_tree(cfg: ModelConfig, dtype, recipe=None):
+  """The abstract params a checkpoint of `cfg` (quantized by `recipe`, if any) restores into."""
+  if recipe is None:
+    return abstract(cfg, dtype)
+  from gemma.quant.footprint import quantized_abstract
+
+  return quantized_abstract(cfg, recipe, dtype, float_dtype=dtype)
+
+
 def save_converted(out_dir: str | Path, cfg: ModelConfig, params: Params,
-                   tokenizer_file: str | Path | None = None, force: bool = False) -> Path:
-  """Writes a converted checkpoint directory (see the module docstring). Returns its path."""
+                   tokenizer_file: str | Path | None = None, force: bool = False,
+                   recipe=None) -> Path:
+  """Writes a converted checkpoint directory (see the module docstring). Returns its path.
+
+  `recipe` (a `gemma.quant.Recipe`) marks `params` as quantized by it.
+  """
   import orbax.checkpoint as ocp
 
   out = Path(out_dir).absolute()
   if (out / PARAMS_DIR).exists() and not force:
     raise FileExistsError(f"{out / PARAMS_DIR} exists (pass force=True to overwrite)")
-  want = abstract(cfg)
+  want = expected_tree(cfg, "float32", recipe)
   if leaf_names(params) != leaf_names(want) or [x.shape for x in jax.tree.leaves(params)] != [
       x.shape for x in jax.tree.leaves(want)]:
     raise ValueError(f"params do not match config {cfg.name}")
@@ -138,7 +157,12 @@ def save_converted(out_dir: str | Path, cfg: ModelConfig, params: Params,
   checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
   tree = _nested(leaf_names(params), jax.tree.leaves(params))
   checkpointer.save(out / PARAMS_DIR, args=ocp.args.PyTreeSave(tree), force=force)
-  (out / CONFIG_FILE).write_text(json.dumps(config_to_dict(cfg), indent=1) + "\n")
+  meta = config_to_dict(cfg)
+  if recipe is not None:
+    from gemma.quant.recipes import recipe_to_dict
+
+    meta["quant"] = recipe_to_dict(recipe)
+  (out / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
   if tokenizer_file is not None:
     src = Path(tokenizer_file)
     shutil.copyfile(src, out / ("tokenizer.model" if src.suffix == ".model" else src.name))
@@ -150,27 +174,50 @@ def is_converted(path: str | Path) -> bool:
   return path.is_dir() and (path / CONFIG_FILE).exists()
 
 
-def read_config(path: Path) -> ModelConfig:
+def _read_meta(path: Path) -> dict:
   try:
-    data = json.loads((path / CONFIG_FILE).read_text())
+    return json.loads((path / CONFIG_FILE).read_text())
   except FileNotFoundError:
     raise CheckpointError(f"{path}: no {CONFIG_FILE} (not a converted checkpoint)") from None
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{path / CONFIG_FILE}: not valid JSON ({e})") from None
-  return config_from_dict(data)
 
 
-def load(path: str | Path, dtype, cfg: ModelConfig | None = None) -> tuple[ModelConfig, Params]:
+def read_config(path: Path) -> ModelConfig:
+  return config_from_dict(_read_meta(path))
+
+
+def read_recipe(path: str | Path):
+  """The `gemma.quant.Recipe` a converted checkpoint was quantized with; None if it is float."""
+  data = _read_meta(Path(path)).get("quant")
+  if data is None:
+    return None
+  from gemma.quant.recipes import recipe_from_dict
+
+  try:
+    return recipe_from_dict(data)
+  except ValueError as e:
+    raise CheckpointError(f"{Path(path) / CONFIG_FILE}: {e}") from None
+
+
+def load(path: str | Path, dtype, cfg: ModelConfig | None = None,
+         finish: Finish | None = None) -> tuple[ModelConfig, Params]:
   """Loads a converted directory. Returns (config, params cast to dtype).
 
-  Bit-exact when `dtype` is the saved dtype. Raises CheckpointError naming every missing,
-  unexpected and mis-shaped leaf, or the file that cannot be read.
+  Bit-exact when `dtype` is the saved dtype; a quantized checkpoint loads its QArrays as stored
+  (float leaves cast to `dtype`). `finish` (float checkpoints only) maps each leaf as it is
+  read. Raises CheckpointError naming every missing, unexpected and mis-shaped leaf, or the file
+  that cannot be read.
   """
   import orbax.checkpoint as ocp
 
   path = Path(path)
   cfg = cfg or read_config(path)
-  want = abstract(cfg, dtype)
+  recipe = read_recipe(path)
+  if recipe is not None and finish is not None:
+    raise CheckpointError(f"{path} is already quantized (recipe {recipe.name}); "
+                          "load it without quantizing again")
+  want = expected_tree(cfg, dtype, recipe)
   names, want_leaves = leaf_names(want), jax.tree.leaves(want)
   root = (path / PARAMS_DIR).absolute()
   checkpointer = ocp.StandardCheckpointer()
@@ -193,11 +240,30 @@ def load(path: str | Path, dtype, cfg: ModelConfig | None = None) -> tuple[Model
   target = _nested(names, [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
                            for s in want_leaves])
   try:
-    tree = checkpointer.restore(root, target)
+    flat = _restore_by_group(root, target, finish) if finish else _flat(
+        checkpointer.restore(root, target))
   except Exception as e:
     raise CheckpointError(f"{root}: cannot restore params ({type(e).__name__}: {e})") from None
-  flat = _flat(tree)
   return cfg, jax.tree.unflatten(jax.tree.structure(want), [flat[n] for n in names])
+
+
+def _restore_by_group(root: Path, target: dict, finish: Finish) -> dict[str, Any]:
+  """Restores one top-level group (embed, layers.N, ...) at a time, mapping each leaf through
+  `finish` before the next group is read."""
+  import orbax.checkpoint as ocp
+
+  from gemma.formats.common import progress
+
+  groups = [{key: value} for key, value in target.items() if key != "layers"]
+  groups += [{"layers": {i: layer}} for i, layer in target.get("layers", {}).items()]
+  checkpointer, out = ocp.PyTreeCheckpointer(), {}
+  for done, part in enumerate(groups, 1):
+    args = ocp.args.PyTreeRestore(item=part, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(part))
+    for name, leaf in _flat(checkpointer.restore(root, args=args)).items():
+      out[name] = finish(name, leaf)
+    progress(done, len(groups), "loading groups")
+  return out
 
 
 def convert(src_path: str | Path, out_dir: str | Path, dtype, cfg: ModelConfig | None = None,

@@ -32,6 +32,7 @@ import numpy as np
 from gemma.config import AttentionType, ModelConfig, RopeConfig
 from gemma.formats.common import (
   CheckpointError,
+  Finish,
   RegexTable,
   assemble,
   linear,
@@ -295,7 +296,8 @@ def table(arch: str) -> RegexTable:
 
 
 
-def load(path: str | Path, dtype, cfg: ModelConfig | None = None) -> tuple[ModelConfig, Params]:
+def load(path: str | Path, dtype, cfg: ModelConfig | None = None,
+         finish: Finish | None = None) -> tuple[ModelConfig, Params]:
   """Loads a Gemma 3 / Gemma 4 GGUF file. Returns (config, params cast to dtype).
 
   Tensors are dequantized to float32 one at a time and cast on the way (peak host memory stays
@@ -304,4 +306,5 @@ def load(path: str | Path, dtype, cfg: ModelConfig | None = None) -> tuple[Model
   """
   f = GGUFFile(path)
   cfg = cfg or read_config(f)
-  return cfg, assemble(cfg, f.iter_tensors(), table(f.architecture), dtype, source=str(path))
+  return cfg, assemble(cfg, f.iter_tensors(), table(f.architecture), dtype, source=str(path),
+                       finish=finish)

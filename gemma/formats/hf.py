@@ -16,6 +16,7 @@ import numpy as np
 from gemma.config import ModelConfig, from_hf_config
 from gemma.formats.common import (
   CheckpointError,
+  Finish,
   Loader,
   Mapped,
   RegexTable,
@@ -128,8 +129,10 @@ def read_config(path: Path) -> ModelConfig:
   return from_hf_config(hf, name=path.name)
 
 
-def load(path: Path, dtype, cfg: ModelConfig | None = None) -> tuple[ModelConfig, Params]:
-  """Loads an HF Gemma directory. Returns (config, params cast to dtype)."""
+def load(path: Path, dtype, cfg: ModelConfig | None = None,
+         finish: Finish | None = None) -> tuple[ModelConfig, Params]:
+  """Loads an HF Gemma directory. Returns (config, params cast to dtype, each passed through
+  `finish` when given)."""
   cfg = cfg or read_config(path)
   tensors = iter_safetensors(safetensors_files(path))
-  return cfg, assemble(cfg, tensors, map_name, dtype, source=str(path))
+  return cfg, assemble(cfg, tensors, map_name, dtype, source=str(path), finish=finish)

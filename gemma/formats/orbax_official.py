@@ -23,6 +23,7 @@ import numpy as np
 from gemma.config import PRESETS, ModelConfig, get_preset
 from gemma.formats.common import (
   CheckpointError,
+  Finish,
   Loader,
   Mapped,
   RegexTable,
@@ -331,7 +332,7 @@ def infer_preset(shapes: dict[str, tuple[int, ...]]) -> ModelConfig:
 
 
 def load(path: str | Path, dtype, cfg: ModelConfig | None = None,
-         preset: str | None = None) -> tuple[ModelConfig, Params]:
+         preset: str | None = None, finish: Finish | None = None) -> tuple[ModelConfig, Params]:
   """Loads an official Orbax checkpoint. Returns (config, params cast to dtype).
 
   The config is `cfg`, else the preset named `preset`, else the preset inferred from shapes.
@@ -347,4 +348,4 @@ def load(path: str | Path, dtype, cfg: ModelConfig | None = None,
     cfg = infer_preset({n: s for n, (_, s, _) in names.items()})
     log(f"{path}: official Orbax checkpoint, config inferred as preset {cfg.name}")
   tensors = iter_leaves(path, cfg, dtype, leaves=names)
-  return cfg, assemble(cfg, tensors, make_mapper(cfg), dtype, source=str(path))
+  return cfg, assemble(cfg, tensors, make_mapper(cfg), dtype, source=str(path), finish=finish)

@@ -45,15 +45,18 @@ def abstract_qarray(shape: tuple[int, ...], dtype: str, spec: QuantSpec, layout:
                 dtype_name=dtype)
 
 
-def quantized_abstract(cfg: C.ModelConfig, recipe: Recipe | str, dtype=jnp.bfloat16):
-  """abstract(cfg) with quantized classes as abstract QArrays and the rest in recipe.float_dtype."""
+def quantized_abstract(cfg: C.ModelConfig, recipe: Recipe | str, dtype=jnp.bfloat16,
+                       float_dtype=None):
+  """abstract(cfg) with quantized classes as abstract QArrays (of weights in `dtype`) and the
+  rest in `float_dtype` (default: recipe.float_dtype)."""
   recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+  float_dtype = jnp.dtype(float_dtype or recipe.float_dtype)
 
   def one(path, leaf):
     name = P.path_name(path)
     spec = recipe.spec_for(tensor_class(name))
     if spec is None:
-      return jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(recipe.float_dtype))
+      return jax.ShapeDtypeStruct(leaf.shape, float_dtype)
     return abstract_qarray(tuple(leaf.shape), jnp.dtype(dtype).name, spec, layout_of(name))
 
   return jax.tree_util.tree_map_with_path(one, P.abstract(cfg, dtype))
@@ -64,24 +67,35 @@ def _nbytes(tree) -> int:
              for x in jax.tree_util.tree_leaves(tree))
 
 
-def footprint(cfg: C.ModelConfig, recipe: Recipe | str) -> dict:
-  """Bytes and weights per tensor class ("float" for scales) and in total, under a recipe.
+def size_report(tree) -> dict:
+  """Stored bytes of a params tree (arrays or ShapeDtypeStructs; QArrays or float leaves).
 
   Returns:
-    {"total_bytes", "params", "bits_per_weight", "classes": {cls: {"bytes", "params"}}}.
+    {"total_bytes", "params", "bits_per_weight" (all leaves, norms and scales included),
+     "quantized_bits_per_weight" (QArray leaves only; None when nothing is quantized),
+     "classes": {tensor class or "float": {"bytes", "params"}}}.
   """
-  tree = quantized_abstract(cfg, recipe)
   leaves = jax.tree_util.tree_leaves_with_path(
       tree, is_leaf=lambda x: isinstance(x, QArray))
   classes = {c: dict(bytes=0, params=0) for c in (*CLASSES, "float")}
+  q_bytes = q_params = 0
   for path, leaf in leaves:
     c = classes[tensor_class(P.path_name(path)) or "float"]
     c["bytes"] += _nbytes(leaf)
     c["params"] += math.prod(leaf.shape)
+    if isinstance(leaf, QArray):
+      q_bytes, q_params = q_bytes + _nbytes(leaf), q_params + leaf.size
   classes = {k: v for k, v in classes.items() if v["params"]}
   total = sum(v["bytes"] for v in classes.values())
   n = sum(v["params"] for v in classes.values())
-  return dict(total_bytes=total, params=n, bits_per_weight=8 * total / n, classes=classes)
+  return dict(total_bytes=total, params=n, bits_per_weight=8 * total / n,
+              quantized_bits_per_weight=8 * q_bytes / q_params if q_params else None,
+              classes=classes)
+
+
+def footprint(cfg: C.ModelConfig, recipe: Recipe | str) -> dict:
+  """`size_report` of the preset `cfg` under a recipe, computed from shapes alone."""
+  return size_report(quantized_abstract(cfg, recipe))
 
 
 def kv_cache_bytes(cfg: C.ModelConfig, context: int, batch: int = 1, itemsize: int = 2) -> int:

@@ -33,6 +33,7 @@ from gemma.quant import codebook, packing
 from gemma.quant.rotation import Rotation, gaussian_np
 
 METHODS = ("tq", "tq_prod", "int", "nf4")
+SCALE_FITS = ("norm", "unbiased", "lsq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,9 @@ class QuantSpec:
   block: g, inputs per (row, block) scale; a power of two >= 32 (smaller when n_in needs it).
   rotation: "haar" | "hadamard" | "none" (TurboQuant only; baselines never rotate).
   law: TurboQuant codebook law: "beta" (exact for dimension g) or "gauss" (the N(0, 1/g) limit).
+  scale_fit: TurboQuant_mse's per-block scale: "norm" (the paper: ‖w_block‖), "unbiased"
+    (‖w_block‖ / (1 - D_mse(b)), removing the shrinkage of §1.6) or "lsq" (the least-squares
+    scale for the chosen codes, ‖w‖ ⟨Πu, c⟩ / ⟨c, c⟩: the lowest MSE for those codes).
   """
 
   method: str = "tq"
@@ -54,10 +58,15 @@ class QuantSpec:
   seed: int = 0
   law: str = "beta"
   scale_dtype: str = "float16"
+  scale_fit: str = "norm"
 
   def __post_init__(self):
     if self.method not in METHODS:
       raise ValueError(f"method {self.method!r}; expected one of {METHODS}")
+    if self.scale_fit not in SCALE_FITS:
+      raise ValueError(f"scale_fit {self.scale_fit!r}; expected one of {SCALE_FITS}")
+    if self.scale_fit != "norm" and self.method != "tq":
+      raise ValueError(f"scale_fit={self.scale_fit!r} applies to method 'tq' only")
     if self.block < 32 or self.block & (self.block - 1):
       raise ValueError(f"block={self.block} must be a power of two >= 32")
     if self.method == "nf4" and self.bits != 4:

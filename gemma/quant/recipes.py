@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 from gemma import params as P
 from gemma.quant import baselines, turboquant
@@ -99,8 +101,30 @@ RECIPES: dict[str, Recipe] = {
 
 def get_recipe(name: str) -> Recipe:
   if name not in RECIPES:
-    raise KeyError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}")
+    raise ValueError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}")
   return RECIPES[name]
+
+
+def resolve(recipe: Recipe | str) -> Recipe:
+  return get_recipe(recipe) if isinstance(recipe, str) else recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+  """JSON-ready form of a recipe (stored in quantized checkpoints)."""
+  return {"name": recipe.name, "float_dtype": recipe.float_dtype,
+          "specs": {cls: dataclasses.asdict(spec) for cls, spec in recipe.specs}}
+
+
+def recipe_from_dict(data: dict) -> Recipe:
+  """Inverse of `recipe_to_dict`; ValueError naming the problem on a malformed entry."""
+  try:
+    specs = tuple((cls, QuantSpec(**spec)) for cls, spec in data["specs"].items())
+    unknown = sorted(cls for cls, _ in specs if cls not in CLASSES)
+    if unknown:
+      raise ValueError(f"unknown tensor classes {unknown}")
+    return Recipe(str(data["name"]), specs, str(data.get("float_dtype", "bfloat16")))
+  except (KeyError, TypeError, AttributeError, ValueError) as e:
+    raise ValueError(f"invalid quantization recipe {data!r}: {e}") from None
 
 
 def quantize(w: jax.Array, spec: QuantSpec, layout: Layout = MATH_LAYOUT) -> QArray:
@@ -110,17 +134,26 @@ def quantize(w: jax.Array, spec: QuantSpec, layout: Layout = MATH_LAYOUT) -> QAr
   return baselines.quantize_weight(w, spec, layout)
 
 
+def quantizer(recipe: Recipe | str, float_dtype=None) -> Callable[[str, jax.Array], object]:
+  """(params leaf name, weight) -> its QArray under `recipe`, or the weight itself (cast to
+  `float_dtype` when given) for tensors the recipe keeps in float. This is the per-tensor hook
+  checkpoint loaders call, so a model is quantized while it streams in."""
+  recipe = resolve(recipe)
+
+  def finish(name: str, leaf: jax.Array):
+    spec = recipe.spec_for(tensor_class(name))
+    if spec is not None:
+      return quantize(leaf, spec, layout_of(name))
+    return leaf if float_dtype is None else leaf.astype(jnp.dtype(float_dtype))
+
+  return finish
+
+
 def quantize_params(params: P.Params, recipe: Recipe | str) -> P.Params:
   """The params tree with every weight of a quantized class replaced by its QArray.
 
   Each weight is quantized by one jitted call (compiled once per shape), so layers of equal
   shapes share a compilation; the float weights are kept as they are.
   """
-  recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
-
-  def one(path, leaf):
-    name = P.path_name(path)
-    spec = recipe.spec_for(tensor_class(name))
-    return leaf if spec is None else quantize(leaf, spec, layout_of(name))
-
-  return jax.tree_util.tree_map_with_path(one, params)
+  finish = quantizer(recipe)
+  return jax.tree_util.tree_map_with_path(lambda p, x: finish(P.path_name(p), x), params)

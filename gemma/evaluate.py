@@ -1,0 +1,147 @@
+"""Perplexity of a text, and how closely a (quantized) model follows a reference model.
+
+The token stream is cut into windows of `context` tokens, each starting with BOS and scoring its
+other `context - 1` tokens, so every text token is predicted exactly once, from at most
+`context - 1` tokens of history. Per predicted token we accumulate
+
+  nll    -log q(target)                          (perplexity = exp(mean nll))
+  kl     KL(p_ref || q) = Σ_v p_ref(v) (log p_ref(v) - log q(v))
+  agree  argmax p_ref == argmax q
+
+where q is the evaluated model and p_ref the reference (the same model without `--quant`, for
+which KL is exactly 0 and agreement exactly 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma.config import ModelConfig
+from gemma.formats.common import progress
+from gemma.model import forward
+from gemma.params import Params
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+  """Per-token means over `tokens` predicted tokens in `windows` windows."""
+
+  perplexity: float
+  reference_perplexity: float
+  mean_kl: float
+  top1_agreement: float
+  tokens: int
+  windows: int
+  seconds: float
+
+
+def make_windows(ids: list[int], context: int, bos_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Cuts a token stream into BOS-led windows.
+
+  Returns:
+    tokens [W, context] int32 (the last window zero-padded) and
+    positions [W, context] int32 (-1 on padding).
+  """
+  if context < 2:
+    raise ValueError(f"context must be >= 2 (BOS + one scored token), got {context}")
+  if not ids:
+    raise ValueError("the text has no tokens")
+  step = context - 1
+  count = -(-len(ids) // step)
+  tokens = np.zeros((count, context), np.int32)
+  positions = np.full((count, context), -1, np.int32)
+  for w in range(count):
+    chunk = ids[w * step:(w + 1) * step]
+    tokens[w, 0], tokens[w, 1:1 + len(chunk)] = bos_id, chunk
+    positions[w, :1 + len(chunk)] = np.arange(1 + len(chunk))
+  return tokens, positions
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def log_probs(params: Params, tokens: jax.Array, positions: jax.Array,
+              cfg: ModelConfig) -> jax.Array:
+  """[1, T-1, V] float32 log-probabilities of the tokens after each of a window's first T-1."""
+  logits, _ = forward(params, tokens, positions, cfg)
+  return jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+
+
+@jax.jit
+def window_sums(lq: jax.Array, lp: jax.Array, tokens: jax.Array,
+                positions: jax.Array) -> jax.Array:
+  """Sums over the scored tokens of one window.
+
+  Args:
+    lq, lp: [1, T-1, V] `log_probs` of the evaluated and of the reference model.
+    tokens, positions: [1, T] the window (from `make_windows`).
+  Returns:
+    [5] float32: (count, nll, reference nll, kl, top-1 agreements).
+  """
+  mask = (positions[:, 1:] >= 0).astype(jnp.float32)  # [1, T-1]
+  targets = tokens[:, 1:, None]
+  nll = -jnp.take_along_axis(lq, targets, axis=-1)[..., 0]
+  ref_nll = -jnp.take_along_axis(lp, targets, axis=-1)[..., 0]
+  kl = jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
+  agree = (jnp.argmax(lp, -1) == jnp.argmax(lq, -1)).astype(jnp.float32)
+  return jnp.stack([jnp.sum(mask), *(jnp.sum(x * mask) for x in (nll, ref_nll, kl, agree))])
+
+
+def evaluate_many(models: dict[str, Params], cfg: ModelConfig, ids: list[int], context: int,
+                  reference: Params | None = None, bos_id: int | None = None,
+                  show_progress: bool = True) -> dict[str, EvalResult]:
+  """`evaluate` for several models against one reference, run once per window.
+
+  Args:
+    models: name -> params (float or quantized) of the models to evaluate.
+    cfg: their config; `context` may not exceed cfg.max_position_embeddings.
+    ids: the text's token ids (without BOS).
+    context: window length in tokens, BOS included.
+    reference: the reference model (None: each model is its own reference, KL = 0).
+  """
+  if context > cfg.max_position_embeddings:
+    raise ValueError(f"context {context} exceeds the model's {cfg.max_position_embeddings}")
+  bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
+  if bad:
+    raise ValueError(f"token ids out of range [0, {cfg.vocab_size}): {bad[:10]}")
+  tokens, positions = make_windows(ids, context, cfg.bos_id if bos_id is None else bos_id)
+  sums = {name: np.zeros(5, np.float64) for name in models}
+  seconds = dict.fromkeys(models, 0.0)
+  for w in range(len(tokens)):
+    t, p = jnp.asarray(tokens[w:w + 1]), jnp.asarray(positions[w:w + 1])
+    lp = None if reference is None else log_probs(reference, t, p, cfg)
+    for name, params in models.items():
+      t0 = time.perf_counter()
+      lq = log_probs(params, t, p, cfg)
+      sums[name] += np.asarray(window_sums(lq, lq if lp is None else lp, t, p), np.float64)
+      seconds[name] += time.perf_counter() - t0
+      del lq
+    if show_progress:
+      progress(w + 1, len(tokens), "eval windows")
+  out = {}
+  for name, (count, nll, ref_nll, kl, agree) in sums.items():
+    out[name] = EvalResult(
+        perplexity=math.exp(nll / count), reference_perplexity=math.exp(ref_nll / count),
+        mean_kl=kl / count, top1_agreement=agree / count, tokens=int(count),
+        windows=len(tokens), seconds=seconds[name])
+  return out
+
+
+def evaluate(params: Params, cfg: ModelConfig, ids: list[int], context: int,
+             reference: Params | None = None, bos_id: int | None = None,
+             show_progress: bool = True) -> EvalResult:
+  """Perplexity of `params` on `ids` and its KL / top-1 agreement against `reference`.
+
+  Args:
+    params: the model to evaluate (float or quantized).
+    cfg: its config; `context` may not exceed cfg.max_position_embeddings.
+    ids: the text's token ids (without BOS).
+    context: window length in tokens, BOS included.
+    reference: the reference model (None: `params` itself, so KL = 0 and agreement = 1).
+  """
+  return evaluate_many({"": params}, cfg, ids, context, reference, bos_id, show_progress)[""]
