@@ -109,6 +109,37 @@ def test_weight_error_and_bits(name, lo, hi):
   assert qarray.bits_per_weight(q) == spec.bits + extra
 
 
+def test_scale_fits():
+  """§5.4 remedies: 'unbiased' removes the shrinkage ⟨w, ŵ⟩/‖w‖² ≈ 1 - D_mse (at a higher MSE);
+  'lsq' keeps the codes and fits the scale, so its MSE is never above the paper's norm scale."""
+  w = _normal(16, (512, 256))
+
+  def stats(fit):
+    wq = qarray.dequantize(recipes.quantize(w, QuantSpec(bits=3, scale_fit=fit)))
+    return (float(jnp.sum((wq - w) ** 2) / jnp.sum(w ** 2)),
+            float(jnp.sum(wq * w) / jnp.sum(w * w)))
+
+  (mse_n, gain_n), (mse_u, gain_u), (mse_l, _) = stats("norm"), stats("unbiased"), stats("lsq")
+  d = codebook.lloyd_max(3, 128).mse
+  assert abs(gain_n - (1 - d)) < 0.005 and abs(gain_u - 1) < 0.005
+  assert mse_u > mse_n and mse_l < mse_n
+  with pytest.raises(ValueError, match="scale_fit"):
+    QuantSpec(method="int", rotation="none", scale_fit="lsq")
+  with pytest.raises(ValueError, match="scale_fit"):
+    QuantSpec(scale_fit="median")
+
+
+def test_recipe_dict_round_trip_and_errors():
+  for name, recipe in recipes.RECIPES.items():
+    assert recipes.recipe_from_dict(recipes.recipe_to_dict(recipe)) == recipe, name
+  with pytest.raises(ValueError, match="unknown tensor classes"):
+    recipes.recipe_from_dict({"name": "x", "specs": {"lm_head": {"bits": 4}}})
+  with pytest.raises(ValueError, match="invalid quantization recipe"):
+    recipes.recipe_from_dict({"name": "x", "specs": {"mlp": {"bits": 4, "block": 96}}})
+  with pytest.raises(ValueError, match="unknown recipe 'tq5'"):
+    recipes.get_recipe("tq5")
+
+
 def test_experts_ragged_dot_and_padding():
   spec = QuantSpec(bits=4)
   w = _normal(7, (3, 48, 40))  # n_in = 48: padded to 64, block 64

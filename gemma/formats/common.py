@@ -102,9 +102,11 @@ def log(msg: str) -> None:
 
 
 def progress(done: int, total: int, what: str = "loading tensors") -> None:
-  if sys.stderr.isatty() or done == total:
+  if sys.stderr.isatty():
     end = "\n" if done == total else ""
     print(f"\r{what} {done}/{total}", end=end, file=sys.stderr, flush=True)
+  elif done == total or done % max(1, total // 10) == 0:  # logs: about ten lines
+    print(f"{what} {done}/{total}", file=sys.stderr, flush=True)
 
 
 def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Loader]],

@@ -31,6 +31,7 @@ import numpy as np
 
 from gemma.quant import codebook, packing
 from gemma.quant.rotation import Rotation, gaussian_np
+from pallas_kernels import registry
 
 METHODS = ("tq", "tq_prod", "int", "nf4")
 SCALE_FITS = ("norm", "unbiased", "lsq")
@@ -311,6 +312,16 @@ def qmatmul(x: jax.Array, q: QArray, out_dtype=None) -> jax.Array:
   if q.layout.batch_ndim:
     raise ValueError("qmatmul takes weights without batch axes; use ragged_dot for experts")
   xr = rotate_input(x, q)
+  if q.spec.method != "tq_prod":  # one codebook per weight: the kernel registry's op
+    _, _, n_pad, _, n_out = q.dims
+    lead = xr.shape[:-1]
+    y = registry.call(
+        "codebook_matmul", xr.reshape(-1, n_pad), q.codes.reshape(-1, q.codes.shape[-1])
+        if q.layout.in_last else q.codes.reshape(q.codes.shape[0], -1),
+        q.scales.reshape(n_out, -1) if q.layout.in_last else q.scales.reshape(-1, n_out),
+        tuple(float(t) for t in q.spec.table()), bits=q.spec.code_bits, block=q.spec.block,
+        transposed=q.layout.in_last, out_dtype=out_dtype or x.dtype)
+    return y.reshape(*lead, n_out)
   w = rotated_weight(q, x.dtype)
   spec = "...i,oi->...o" if q.layout.in_last else "...i,io->...o"
   y = jnp.einsum(spec, xr, w, preferred_element_type=jnp.float32)

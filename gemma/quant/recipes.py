@@ -96,6 +96,13 @@ RECIPES: dict[str, Recipe] = {
     "int8": uniform("int8", _rtn(8)),
     "int4": uniform("int4", _rtn(4)),
     "nf4": uniform("nf4", QuantSpec(method="nf4", bits=4, rotation="none")),
+    # Remedies for 4-bit TurboQuant (turboquant.md §5.4), for ablations.
+    "tq4-unbiased": uniform("tq4-unbiased", tq(4, scale_fit="unbiased")),
+    "tq4-lsq": uniform("tq4-lsq", tq(4, scale_fit="lsq")),
+    "tq4-g64-lsq": uniform("tq4-g64-lsq", tq(4, block=64, scale_fit="lsq")),
+    # The tied embedding / LM head at int8 (it dominates the error of small models), rest tq4-lsq.
+    "tq4-embed8": Recipe("tq4-embed8", (("embed", _rtn(8)),) + tuple(
+        (cls, tq(4, scale_fit="lsq")) for cls in _WEIGHTS if cls != "embed")),
 }
 
 

@@ -1,0 +1,86 @@
+"""One registry of kernel implementations and the dispatch every caller goes through.
+
+  registry.call("codebook_matmul", *args, impl=None, **kwargs)
+
+impl: "pallas" (compiled for the GPU), "interpret" (the Pallas kernel in interpret mode: CPU
+tests), "xla" (the plain-jnp `*_reference`), or None: the process default (`set_default_impl`,
+or the environment variable GEMMA_KERNEL_IMPL), else Pallas on a GPU backend and XLA elsewhere.
+A kernel raises NotImplementedError for shapes it cannot take; dispatch then falls through to
+XLA. Each (op, choice) is logged once (logger "pallas_kernels") and kept in `choices()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import jax
+
+from pallas_kernels import codebook_matmul as _cm
+
+IMPLS = ("pallas", "interpret", "xla")
+logger = logging.getLogger("pallas_kernels")
+
+_KERNELS: dict[str, dict[str, Callable]] = {
+    "codebook_matmul": {"pallas": _cm.codebook_matmul, "xla": _cm.codebook_matmul_reference},
+}
+_default: list[str | None] = [os.environ.get("GEMMA_KERNEL_IMPL") or None]
+_seen: dict[tuple[str, str], str] = {}
+
+
+def register(op: str, pallas: Callable, xla: Callable) -> None:
+  """Adds an op: its Pallas wrapper (taking interpret=) and its plain-jnp reference."""
+  _KERNELS[op] = {"pallas": pallas, "xla": xla}
+
+
+def set_default_impl(impl: str | None) -> None:
+  """Process-wide impl for calls with impl=None (None: Pallas on GPU, XLA elsewhere).
+
+  The choice is made while tracing, so a change clears jax's compilation caches.
+  """
+  _check_impl(impl)
+  if impl != _default[0]:
+    jax.clear_caches()
+  _default[0] = impl
+
+
+def default_impl() -> str | None:
+  return _default[0]
+
+
+def choices() -> dict[tuple[str, str], str]:
+  """{(op, impl used): reason} for every choice made so far in this process."""
+  return dict(_seen)
+
+
+def _check_impl(impl):
+  if impl is not None and impl not in IMPLS:
+    raise ValueError(f"unknown kernel impl {impl!r}; expected one of {IMPLS} or None")
+
+
+def _note(op: str, impl: str, reason: str) -> None:
+  if (op, impl) not in _seen:
+    _seen[(op, impl)] = reason
+    logger.info("%s: using %s (%s)", op, impl, reason)
+
+
+def call(op: str, *args, impl: str | None = None, **kwargs):
+  """Runs `op` with the chosen implementation, falling through to XLA on NotImplementedError."""
+  if op not in _KERNELS:
+    raise ValueError(f"unknown kernel op {op!r}; registered: {sorted(_KERNELS)}")
+  _check_impl(impl)
+  impl = impl or _default[0]
+  reason = "requested"
+  if impl is None:
+    on_gpu = jax.default_backend() == "gpu"
+    impl, reason = ("pallas", "GPU backend") if on_gpu else ("xla", "no GPU backend")
+  if impl != "xla":
+    try:
+      out = _KERNELS[op]["pallas"](*args, interpret=impl == "interpret", **kwargs)
+      _note(op, impl, reason)
+      return out
+    except NotImplementedError as e:
+      impl, reason = "xla", f"fell through: {e}"
+  _note(op, impl, reason)
+  return _KERNELS[op]["xla"](*args, **kwargs)
