@@ -184,3 +184,34 @@ def test_kernels_lower_for_cuda(bits, variant):
     fn = functools.partial(cm.codebook_matmul, **kw)
   exported = export_cuda(fn, *args)
   assert "__gpu$xla.gpu.triton" in exported.mlir_module()
+
+
+# --------------------------------------------------------------------------- scripts
+def _run_script(args):
+  import subprocess
+  import sys
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return out.stdout.strip().splitlines()
+
+
+@pytest.mark.slow
+def test_bench_kernels_check_json():
+  import json
+  line = json.loads(_run_script(["scripts/bench_kernels.py", "--check"])[-1])
+  assert line["cases"] == 36
+  assert line["max_rel_err_f32"] < 2e-5 and line["max_rel_err_bf16"] < 1.5e-2
+
+
+@pytest.mark.slow
+def test_bench_decode_json_and_bytes():
+  import json
+  r = json.loads(_run_script([
+      "scripts/bench_decode.py", "--preset", "gemma4-e2b", "--quant", "tq4", "--layers", "6",
+      "--embed-dim", "128", "--context", "8", "--new-tokens", "3", "--json"])[-1])
+  for key in ("decode_ms_per_token", "tokens_per_s", "bytes_per_token", "bound_tokens_per_s",
+              "read_bandwidth_gb_s", "pct_of_bound"):
+    assert r[key] > 0, key
+  assert r["quant"] == "tq4" and r["context"] == 8 and r["batch"] == 1

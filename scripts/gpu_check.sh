@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One command for a GPU machine (jax preinstalled, no network), within 8 minutes:
+#   1. the kernel tests compiled for the GPU (interpret=False) on fresh random inputs,
+#   2. bench_kernels.py --check compiled on the GPU,
+#   3. the kernel benchmark tables (Gemma 4 31B / E4B layer shapes, 4 and 2 bits),
+#   4. decode speed (random weights): gemma4-e4b at bf16 and tq4, gemma4-31b at tq4.
+# Everything goes to stdout and, when $OUT is set, to $OUT/gpu_check.txt (+ JSON files).
+# Usage (repository root): bash scripts/gpu_check.sh      [PYTHON=python3]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false GEMMA_KERNEL_TEST_IMPL=pallas
+OUT_DIR=${OUT:-}
+LOG=${OUT_DIR:+$OUT_DIR/gpu_check.txt}
+status=0
+
+step() {  # step SECONDS NAME CMD...: runs CMD with a time limit, tees its output, keeps going
+  local limit=$1 name=$2
+  shift 2
+  echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*" | tee -a "${LOG:-/dev/null}"
+  timeout "$limit" "$@" 2>&1 | tee -a "${LOG:-/dev/null}"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || { echo "=== $name FAILED (rc=$rc)" | tee -a "${LOG:-/dev/null}"; status=1; }
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "${LOG:-/dev/null}"
+step 120 "kernel tests (compiled)" "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
+  -k "not lower_for_cuda and not model_logits"
+step 45 "bench_kernels --check (compiled)" "$PY" scripts/bench_kernels.py --check --device gpu
+step 150 "kernel benchmark" "$PY" scripts/bench_kernels.py --device gpu --bits 4 2 --json
+for run in "gemma4-e4b bf16" "gemma4-e4b tq4" "gemma4-31b tq4"; do
+  set -- $run
+  step 50 "decode $1 $2" "$PY" scripts/bench_decode.py --preset "$1" --quant "$2" \
+    --context 1024 --new-tokens 32 --json
+done
+echo "=== done, status $status" | tee -a "${LOG:-/dev/null}"
+exit $status
