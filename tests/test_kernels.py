@@ -215,3 +215,12 @@ def test_bench_decode_json_and_bytes():
               "read_bandwidth_gb_s", "pct_of_bound"):
     assert r[key] > 0, key
   assert r["quant"] == "tq4" and r["context"] == 8 and r["batch"] == 1
+
+
+@pytest.mark.parametrize("m,bits", [(1, 4), (16, 2)])
+def test_full_width_gemma4_e2b_attention_shape(m, bits):
+  """Gemma 4 E2B's q projection at full size: K = 1536 (12 blocks), N = 8 heads x 256."""
+  x, codes, scales, table, exact = _case(m, 1536, 2048, bits, 128, jnp.bfloat16)
+  got = cm.codebook_matmul(x, codes, scales, table, bits=bits, block=128, interpret=INTERPRET,
+                           poison=True)
+  assert _rel_err(got, exact) < TOL[jnp.bfloat16]
