@@ -78,11 +78,36 @@ def _affine(table: tuple[float, ...]):
   return (float(t[0]), float(step)) if np.array_equal(t, t[0] + step * np.arange(t.size)) else None
 
 
+def _odd_poly(table: tuple[float, ...]):
+  """Coefficients (a1, a3, a5) when table[i] = Σ a_k u^k, u = i - (n - 1)/2, to float32
+  rounding (the "poly" codebooks), else None."""
+  t = np.asarray(table, np.float64)
+  u = np.arange(t.size) - (t.size - 1) / 2
+  powers = np.stack([u, u ** 3, u ** 5], axis=1)[:, :max(1, min(3, t.size // 2))]
+  coef = np.linalg.lstsq(powers, t, rcond=None)[0]
+  scale = np.max(np.abs(t))
+  if scale == 0 or np.max(np.abs(powers @ coef - t)) > 1e-6 * scale:
+    return None
+  return tuple(float(c) for c in coef)
+
+
 def lookup(code: jax.Array, table: tuple[float, ...], bits: int) -> jax.Array:
-  """float32 table[code] for int32 codes, without a gather (Triton has none)."""
+  """float32 table[code] for int32 codes, without a gather (Triton has none).
+
+  Arithmetic progressions (int grids): one int-to-float conversion and an FMA. Odd polynomials in
+  u = code - (2^b - 1)/2 ("poly" codebooks): Horner in u² (2-3 FMAs). Otherwise a binary select
+  tree over the code's bits (2^b - 1 selects).
+  """
   affine = _affine(table)
   if affine is not None:
     return affine[0] + affine[1] * code.astype(jnp.float32)
+  poly = _odd_poly(table)
+  if poly is not None:
+    u = code.astype(jnp.float32) - (len(table) - 1) / 2
+    u2, v = u * u, jnp.float32(poly[-1])
+    for c in reversed(poly[:-1]):
+      v = v * u2 + c
+    return v * u
   vals = [jnp.float32(v) for v in table]
   for bit in range(bits):  # pairs (2i, 2i+1) differ in this bit: one select per pair
     on = ((code >> bit) & 1) == 1

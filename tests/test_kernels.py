@@ -224,3 +224,23 @@ def test_full_width_gemma4_e2b_attention_shape(m, bits):
   got = cm.codebook_matmul(x, codes, scales, table, bits=bits, block=128, interpret=INTERPRET,
                            poison=True)
   assert _rel_err(got, exact) < TOL[jnp.bfloat16]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_polynomial_codebooks_take_the_fma_path(bits):
+  """'poly' TurboQuant codebooks are evaluated as polynomials (no select tree) and still match."""
+  from gemma.quant import codebook
+  table = tuple(float(v) for v in codebook.sphere_codebook(bits, 128, "poly")[0])
+  assert cm._odd_poly(table) is not None and cm._affine(table) is None
+  if bits >= 3:  # exact Lloyd-Max tables are not low-degree odd polynomials
+    assert cm._odd_poly(tuple(codebook.sphere_codebook(bits, 128, "beta")[0])) is None
+  lloyd, poly = codebook.lloyd_max(bits, 128).mse, codebook.poly_codebook(bits, 128).mse
+  assert lloyd * (1 - 1e-12) <= poly < 1.003 * lloyd  # +0.2% MSE at 3 and 4 bits, exact at 2
+  x, codes, scales, _, exact = _case(4, 256, 64, bits, 128, jnp.float32, table=table)
+  got = cm.codebook_matmul(x, codes, scales, table, bits=bits, block=128, interpret=INTERPRET,
+                           poison=True)
+  assert _rel_err(got, exact) < 2e-5
+  fn = functools.partial(cm.codebook_matmul, table=table, bits=bits, block=128)
+  export_cuda(fn, jax.ShapeDtypeStruct((1, 256), jnp.bfloat16),
+              jax.ShapeDtypeStruct((256 * bits // 32, 64), jnp.uint32),
+              jax.ShapeDtypeStruct((2, 64), jnp.float16))

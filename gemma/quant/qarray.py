@@ -45,7 +45,8 @@ class QuantSpec:
   (round-to-nearest, absmax scale per block), "nf4" (NormalFloat-4, absmax scale per block).
   block: g, inputs per (row, block) scale; a power of two >= 32 (smaller when n_in needs it).
   rotation: "haar" | "hadamard" | "none" (TurboQuant only; baselines never rotate).
-  law: TurboQuant codebook law: "beta" (exact for dimension g) or "gauss" (the N(0, 1/g) limit).
+  law: TurboQuant codebook law: "beta" (exact for dimension g), "gauss" (the N(0, 1/g) limit) or
+    "poly" (an odd polynomial in the code fit to "beta": a kernel evaluates it with FMAs).
   scale_fit: TurboQuant_mse's per-block scale: "norm" (the paper: ‖w_block‖), "unbiased"
     (‖w_block‖ / (1 - D_mse(b)), removing the shrinkage of §1.6) or "lsq" (the least-squares
     scale for the chosen codes, ‖w‖ ⟨Πu, c⟩ / ⟨c, c⟩: the lowest MSE for those codes).
@@ -68,6 +69,8 @@ class QuantSpec:
       raise ValueError(f"scale_fit {self.scale_fit!r}; expected one of {SCALE_FITS}")
     if self.scale_fit != "norm" and self.method != "tq":
       raise ValueError(f"scale_fit={self.scale_fit!r} applies to method 'tq' only")
+    if self.law not in codebook.LAWS:
+      raise ValueError(f"law {self.law!r}; expected one of {codebook.LAWS}")
     if self.block < 32 or self.block & (self.block - 1):
       raise ValueError(f"block={self.block} must be a power of two >= 32")
     if self.method == "nf4" and self.bits != 4:

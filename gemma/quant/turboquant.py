@@ -172,8 +172,7 @@ def quantize_weight(w: jax.Array, spec: QuantSpec, layout: Layout = MATH_LAYOUT)
   tab = table(spec.code_bits, spec.block, spec.law)
   idx = nearest(y, tab)
   if spec.scale_fit == "unbiased":  # E⟨u, ũ⟩ = 1 - D_mse(b): undo the shrinkage
-    norm = norm / (1 - codebook.lloyd_max(spec.code_bits, spec.block if spec.law == "beta"
-                                          else None).mse)
+    norm = norm / (1 - codebook.law_codebook(spec.code_bits, spec.block, spec.law).mse)
   elif spec.scale_fit == "lsq":  # argmin_s ‖y - s c‖² = ⟨y, c⟩ / ⟨c, c⟩ per block
     c = tab.centroids[idx]
     norm = norm * jnp.sum(y * c, -1) / jnp.maximum(jnp.sum(c * c, -1), 1e-30)
