@@ -26,7 +26,7 @@ step() {  # step SECONDS NAME CMD...: runs CMD with a time limit, tees its outpu
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "${LOG:-/dev/null}"
 step 120 "kernel tests (compiled)" "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
-  -k "not lower_for_cuda and not model_logits"
+  -k "not lower_for_cuda and not model_logits and not bench_"
 step 45 "bench_kernels --check (compiled)" "$PY" scripts/bench_kernels.py --check --device gpu
 step 150 "kernel benchmark" "$PY" scripts/bench_kernels.py --device gpu --bits 4 2 --json
 for run in "gemma4-e4b bf16" "gemma4-e4b tq4" "gemma4-31b tq4"; do
