@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from gemma.checkpoint import load
 from gemma.cli import _load, _tokenizer
 from gemma.evaluate import evaluate
-from gemma.formats.converted import save_converted
+from gemma.formats.converted import copy_tokenizer, save_converted
 from gemma.quant import QArray, quantize_params
 from gemma.quant.footprint import size_report
 from gemma.quant.recipes import get_recipe
@@ -37,13 +37,8 @@ def cmd_quantize(args) -> int:
   # float32 source, each tensor quantized (or cast to --dtype) as soon as it is read
   cfg, params = load(args.checkpoint, jnp.float32, preset=args.preset, quant=recipe,
                      float_dtype=jnp.dtype(args.dtype or "bfloat16"))
-  src = Path(args.checkpoint)
-  tokenizer = next((src / n for n in ("tokenizer.model",) if src.is_dir() and (src / n).is_file()),
-                   None)
-  save_converted(out, cfg, params, tokenizer_file=tokenizer, force=args.force, recipe=recipe)
-  for extra in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
-    if src.is_dir() and (src / extra).is_file():
-      (out / extra).write_bytes((src / extra).read_bytes())
+  save_converted(out, cfg, params, force=args.force, recipe=recipe)
+  copy_tokenizer(args.checkpoint, out)
   print(f"quantized {cfg.name} with {recipe.name} in {time.perf_counter() - t0:.1f} s: "
         f"{_size_line(params)}")
   print(f"wrote {out.absolute()}")

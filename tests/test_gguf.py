@@ -458,3 +458,16 @@ def test_logprobs_match_reference(model, ref):
                   f"{np.abs(f32 - f64).max():.3g}")
     worst = max(worst, err)
   assert worst <= LOGPROB_TOL, "\n".join(report)
+
+
+@pytest.mark.slow
+def test_quantized_gguf_checkpoint_keeps_its_tokenizer(gguf_path, tokenizer, tmp_path):
+  """`gemma4 quantize` from a GGUF file writes the tokenizer rebuilt from its metadata."""
+  from gemma import cli
+  from gemma.tokenizer import load_tokenizer
+
+  out = tmp_path / "q"
+  assert cli.main(["quantize", "--checkpoint", str(gguf_path), "--recipe", "int8",
+                   "--out", str(out)]) == 0
+  text = "The capital of France is Paris.\n  Two  spaces, and <b>tags</b>."
+  assert load_tokenizer(out).encode(text) == tokenizer.encode(text)

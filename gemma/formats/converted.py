@@ -266,12 +266,35 @@ def _restore_by_group(root: Path, target: dict, finish: Finish) -> dict[str, Any
   return out
 
 
+def copy_tokenizer(src_path: str | Path, out_dir: str | Path) -> None:
+  """Puts the source checkpoint's tokenizer beside a converted one: `tokenizer.model` rebuilt
+  from a GGUF file's metadata, or the source folder's tokenizer.model / tokenizer.json /
+  tokenizer_config.json (and generation_config.json) when present."""
+  src, out = Path(src_path), Path(out_dir)
+  if src.is_file() and src.suffix == ".gguf":
+    if (out / "tokenizer.model").exists():
+      return
+    from gemma.formats.gguf import GGUFFile
+    from gemma.tokenizer_gguf import model_proto_from_gguf
+
+    try:
+      (out / "tokenizer.model").write_bytes(model_proto_from_gguf(GGUFFile(src)))
+    except NotImplementedError as e:  # e.g. Gemma 4 GGUF vocabularies (BPE merges)
+      log(f"tokenizer not written: {e}")
+    return
+  folder = src if src.is_dir() else src.parent
+  for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+               "generation_config.json"):
+    if (folder / name).is_file() and not (out / name).exists():
+      shutil.copyfile(folder / name, out / name)
+
+
 def convert(src_path: str | Path, out_dir: str | Path, dtype, cfg: ModelConfig | None = None,
             tokenizer_file: str | Path | None = None, force: bool = False) -> Path:
   """Loads any supported checkpoint via `gemma.checkpoint.load` and saves it converted.
 
-  Copies `tokenizer.model` and `generation_config.json` of the source directory when present;
-  the EOS ids of generation_config.json are merged into the saved config.
+  Writes the source's tokenizer (`copy_tokenizer`: from GGUF metadata too) and copies
+  generation_config.json; its EOS ids are merged into the saved config.
   """
   from gemma import checkpoint
 
@@ -289,8 +312,7 @@ def convert(src_path: str | Path, out_dir: str | Path, dtype, cfg: ModelConfig |
   t1 = time.perf_counter()
   log(f"loaded {cfg.name} in {t1 - t0:.1f} s; writing {out}")
   save_converted(out, cfg, params, tokenizer_file=tokenizer_file, force=force)
-  if gen.is_file():
-    shutil.copyfile(gen, out / gen.name)
+  copy_tokenizer(src, out)
   size = sum(f.stat().st_size for f in (out / PARAMS_DIR).rglob("*") if f.is_file())
   log(f"wrote {out} ({size / 1e9:.2f} GB) in {time.perf_counter() - t1:.1f} s")
   return out
