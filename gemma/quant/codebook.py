@@ -72,6 +72,17 @@ def _initial(bits: int) -> np.ndarray:
   return special.ndtri((np.arange(k) + 0.5) / k)
 
 
+def _nearest_codebook(c: np.ndarray, d: int | None) -> Codebook:
+  """The nearest-centroid quantizer of sorted centroids c: midpoint boundaries, its MSE and bin
+  probabilities under the law (d: Beta dimension, None: Gaussian)."""
+  mid = (c[1:] + c[:-1]) / 2
+  p, m1, m2 = _moments(np.concatenate([[-np.inf], mid, [np.inf]]), d)
+  mse = float(np.sum(m2 - 2 * c * m1 + c * c * p))
+  for a in (c, mid, p):
+    a.setflags(write=False)
+  return Codebook(centroids=c, boundaries=mid, mse=mse, probs=p)
+
+
 @functools.cache
 def lloyd_max(bits: int, d: int | None = None, tol: float = 1e-13,
               max_iter: int = 100_000) -> Codebook:
@@ -97,12 +108,7 @@ def lloyd_max(bits: int, d: int | None = None, tol: float = 1e-13,
     if done:
       break
   c = (c - c[::-1]) / 2  # the law is symmetric: make the codebook exactly odd
-  mid = (c[1:] + c[:-1]) / 2
-  p, m1, m2 = _moments(np.concatenate([[-np.inf], mid, [np.inf]]), d)
-  mse = float(np.sum(m2 - 2 * c * m1 + c * c * p))
-  for a in (c, mid, p):
-    a.setflags(write=False)
-  return Codebook(centroids=c, boundaries=mid, mse=mse, probs=p)
+  return _nearest_codebook(c, d)
 
 
 def poly_degree(bits: int) -> int:
@@ -124,13 +130,7 @@ def poly_codebook(bits: int, d: int | None = None) -> Codebook:
   powers = np.stack([u ** k for k in range(1, poly_degree(bits) + 1, 2)], axis=1)
   w = np.sqrt(cb.probs)[:, None]
   coef = np.linalg.lstsq(powers * w, cb.centroids * w[:, 0], rcond=None)[0]
-  c = powers @ coef
-  mid = (c[1:] + c[:-1]) / 2
-  p, m1, m2 = _moments(np.concatenate([[-np.inf], mid, [np.inf]]), d)
-  mse = float(np.sum(m2 - 2 * c * m1 + c * c * p))
-  for a in (c, mid, p):
-    a.setflags(write=False)
-  return Codebook(centroids=c, boundaries=mid, mse=mse, probs=p)
+  return _nearest_codebook(powers @ coef, d)
 
 
 LAWS = ("beta", "gauss", "poly")
