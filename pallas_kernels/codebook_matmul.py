@@ -170,6 +170,11 @@ def _kernel(x_ref, *refs, bits, g, bm, bn, blocks_per_split, n_blocks, k, table,
   o_ref[...] = acc.astype(o_ref.dtype)
 
 
+# static arguments of `codebook_matmul` and of its reference (the same signature)
+_STATIC = ("table", "bits", "block", "transposed", "block_m", "block_n", "split_k", "interpret",
+           "out_dtype", "num_warps", "num_stages", "poison")
+
+
 def _largest_pow2_divisor(n: int, cap: int) -> int:
   b = 1
   while b * 2 <= cap and n % (b * 2) == 0:
@@ -199,9 +204,7 @@ def plan(m: int, k: int, n: int, block: int, block_m=None, block_n=None, split_k
   return bm, bn, max(1, min(split_k, n_blocks))
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "table", "bits", "block", "transposed", "block_m", "block_n", "split_k", "interpret",
-    "out_dtype", "num_warps", "num_stages", "poison"))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def codebook_matmul(x, codes, scales, table, rotation=None, *, bits: int, block: int,
                     transposed: bool = False, block_m=None, block_n=None, split_k=None,
                     interpret: bool = False, out_dtype=None, num_warps: int = 4,
@@ -267,9 +270,7 @@ def unpack_reference(codes: jax.Array, bits: int, k: int, transposed: bool = Fal
   return out.T if transposed else out
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "table", "bits", "block", "transposed", "block_m", "block_n", "split_k", "interpret",
-    "out_dtype", "num_warps", "num_stages", "poison"))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def codebook_matmul_reference(x, codes, scales, table, rotation=None, *, bits: int, block: int,
                               transposed: bool = False, block_m=None, block_n=None, split_k=None,
                               interpret: bool = False, out_dtype=None, num_warps: int = 4,
