@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from gemma import cache as kv_cache
+from gemma.cache import KVView
 from gemma.config import LayerSpec, ModelConfig
 from gemma.layers import einsum, rms_norm, rope, softcap
 from gemma.params import Attention
@@ -13,48 +14,49 @@ from gemma.params import Attention
 # Finite so that fully masked rows (padding queries) stay NaN-free.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
-KVView = tuple[jax.Array, jax.Array, jax.Array]  # k [B,S,K,H], v [B,S,K,H], key_positions [B,S]
 
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *,
-           window: int | None, scale: float, cap: float | None = None) -> jax.Array:
+def attend(q: jax.Array, view: KVView, q_pos: jax.Array, *, window: int | None, scale: float,
+           cap: float | None = None) -> jax.Array:
   """Masked grouped-query attention with an f32 softmax.
 
   Args:
-    q: [B, T, N, H]; k, v: [B, S, K, H] with N a multiple of K (consecutive heads share a KV head).
-    q_pos: [B, T]; k_pos: [B, S] absolute positions; key positions < 0 are never attended.
+    q: [B, T, N, H]; view: keys/values [B, S, K, H] (float or TurboQuant) with key positions
+      view.pos [B, S] (< 0 never attended); N is a multiple of K (consecutive heads share a KV
+      head).
+    q_pos: [B, T] absolute positions.
     window: sliding window including self (key kept iff 0 <= q_pos - k_pos < window), or None.
   Returns:
     [B, T, N, H]
   """
   b, t, n, h = q.shape
-  kh = k.shape[2]
+  kh = view.kv_heads
   # [B, T, K, G, H]
-  q = q.reshape(b, t, kh, n // kh, h)
+  qg = q.reshape(b, t, kh, n // kh, h)
   # [B, K, G, T, S]
-  logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-  logits = softcap(logits, cap)
+  logits = softcap(view.scores(qg) * scale, cap)
+  k_pos = view.pos
   # [B, T, S]
   delta = q_pos[:, :, None] - k_pos[:, None, :]
   mask = (k_pos[:, None, :] >= 0) & (delta >= 0)
   if window is not None:
     mask &= delta < window
   logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  probs = jax.nn.softmax(logits, axis=-1)
   # [B, T, K, G, H]
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
+  out = view.mix(probs)
   return out.reshape(b, t, n, h).astype(q.dtype)
 
 
 def attention(p: Attention, x: jax.Array, positions: jax.Array, spec: LayerSpec,
-              cfg: ModelConfig, *, shared: KVView | None, cache: kv_cache.LayerCache | None,
+              cfg: ModelConfig, *, shared: KVView | None, cache, codec,
               start: jax.Array, num_columns: jax.Array):
   """One layer's attention.
 
   Args:
     x: [B, T, D] normed input. positions: [B, T] (-1 for padding).
     shared: the producer layer's K/V view when this layer shares KV (spec.shares_kv).
-    cache: this layer's cache (None without a cache, and on KV-shared layers).
+    cache: this layer's cache (None without a cache, and on KV-shared layers); codec: the
+      cache's TurboQuant rotations (None for a float cache).
     start, num_columns: cache write pointer and valid columns of this call.
   Returns:
     (out [B, T, D], the K/V view attended to, the updated layer cache or None).
@@ -73,7 +75,10 @@ def attention(p: Attention, x: jax.Array, positions: jax.Array, spec: LayerSpec,
     k = rope(rms_norm(k_raw, p.k_norm, **norm), positions, rope_cfg)
     if cfg.use_v_norm:
       v = rms_norm(v, None, eps=cfg.rms_eps)
-    view, new_cache = kv_cache.update_and_view(cache, k, v, positions, start, num_columns)
-  out = attend(q, view[0], view[1], positions, view[2], window=spec.window,
-               scale=cfg.attn_scale, cap=cfg.attn_softcap)
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    view, new_cache = kv_cache.update_and_view(cache, codec, k, v, positions, start,
+                                               num_columns, q.reshape(b, t, kh, n // kh, h))
+  out = attend(q, view, positions, window=spec.window, scale=cfg.attn_scale,
+               cap=cfg.attn_softcap)
   return einsum("btnh,nhd->btd", out, p.o), view, new_cache

@@ -5,13 +5,20 @@ Every slot records the absolute position of the token it holds (-1: empty or pad
 come from positions alone: ring wraparound, left padding and bucket padding need no special cases.
 Columns of one call are written to slots `(length + t) % S`; all rows of a batch advance together
 (left-padded rows simply hold -1 positions in their padding slots).
+
+With `kv_quant` set, layers hold `gemma.kv_quant.QuantLayerCache`s (TurboQuant codes) and the
+cache carries the shared rotations (`codec`); attention reads either through a view
+(`FloatView` / `QuantView`) with the same two methods, scores(q) and mix(probs).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
+from gemma import kv_quant as kv_quant_lib
 from gemma.config import AttentionType, ModelConfig
 from gemma.params import pytree_dataclass
 
@@ -23,11 +30,37 @@ class LayerCache:
   pos: jax.Array  # [B, S] int32 absolute position held by each slot, -1 if none
 
 
+@dataclasses.dataclass(frozen=True)
+class FloatView:
+  """Keys and values in floating point: what queries attend to (and KV-shared layers reuse)."""
+
+  k: jax.Array  # [B, S, K, H]
+  v: jax.Array  # [B, S, K, H]
+  pos: jax.Array  # [B, S] key positions, < 0 never attended
+
+  @property
+  def kv_heads(self) -> int:
+    return self.k.shape[2]
+
+  def scores(self, q: jax.Array) -> jax.Array:
+    """q: [B, T, K, G, H] -> logits [B, K, G, T, S] float32 (unscaled)."""
+    return jnp.einsum("btkgh,bskh->bkgts", q, self.k, preferred_element_type=jnp.float32)
+
+  def mix(self, probs: jax.Array) -> jax.Array:
+    """probs: [B, K, G, T, S] float32 -> [B, T, K, G, H] float32."""
+    return jnp.einsum("bkgts,bskh->btkgh", probs.astype(self.v.dtype), self.v,
+                      preferred_element_type=jnp.float32)
+
+
+KVView = FloatView | kv_quant_lib.QuantView
+
+
 @pytree_dataclass
 class KVCache:
-  layers: tuple[LayerCache | None, ...]  # None for KV-shared layers
+  layers: tuple[LayerCache | kv_quant_lib.QuantLayerCache | None, ...]  # None: KV-shared layers
   length: jax.Array  # [] int32 columns written so far (the write pointer)
   next_pos: jax.Array  # [B] int32 position of each row's next token
+  codec: kv_quant_lib.Codec | None = None  # rotations of a TurboQuant cache
 
   @property
   def max_length(self) -> int:
@@ -43,58 +76,78 @@ def cache_size(cfg: ModelConfig, layer: int, max_length: int) -> int:
   return max_length
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype=jnp.float32) -> KVCache:
-  """An empty cache for `batch` rows and up to `max_length` columns (prompt + generated)."""
-  layers = []
-  for spec in cfg.layers:
-    if spec.shares_kv:
+def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype=jnp.float32,
+               kv_quant: str | kv_quant_lib.KVQuant | None = None) -> KVCache:
+  """An empty cache for `batch` rows and up to `max_length` columns (prompt + generated).
+
+  kv_quant: None (K/V in `dtype`), "bf16" / "f32" (K/V stored in that dtype), or a TurboQuant
+  width of `gemma.kv_quant.KV_QUANTS` ("tq2", "tq2.5", "tq3", "tq3.5", "tq4").
+  """
+  if isinstance(kv_quant, str) and kv_quant in kv_quant_lib.FLOAT_CACHES:
+    dtype, kv_quant = kv_quant_lib.FLOAT_CACHES[kv_quant], None
+  spec = kv_quant_lib.get_kv_quant(kv_quant) if kv_quant is not None else None
+  layers, dims = [], set()
+  for ls in cfg.layers:
+    if ls.shares_kv:
       layers.append(None)
       continue
-    s = cache_size(cfg, spec.index, max_length)
-    shape = (batch, s, spec.num_kv_heads, spec.head_dim)
+    s = cache_size(cfg, ls.index, max_length)
+    if spec is not None:
+      layers.append(kv_quant_lib.init_layer(spec, batch, s, ls.num_kv_heads, ls.head_dim,
+                                            ls.index))
+      dims.add(kv_quant_lib.part_dims(spec, ls.head_dim))
+      continue
+    shape = (batch, s, ls.num_kv_heads, ls.head_dim)
     layers.append(LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                              pos=jnp.full((batch, s), -1, jnp.int32)))
+  codec = kv_quant_lib.make_codec(spec, dims) if spec is not None else None
   return KVCache(layers=tuple(layers), length=jnp.zeros((), jnp.int32),
-                 next_pos=jnp.zeros((batch,), jnp.int32))
+                 next_pos=jnp.zeros((batch,), jnp.int32), codec=codec)
 
 
-def write(cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array,
-          start: jax.Array, num_columns: jax.Array) -> LayerCache:
-  """Writes the first `num_columns` of this call's K/V at slots `(start + t) % S`.
+def scatter(old, new, start: jax.Array, num_columns: jax.Array):
+  """Writes the first `num_columns` columns of `new` at slots `(start + t) % S` of `old`.
 
-  Args:
-    k, v: [B, T, K, H] this call's keys/values; columns >= num_columns are bucket padding.
-    positions: [B, T] their absolute positions (-1 for padding).
-    start: [] int32 write pointer; num_columns: [] int32 valid columns.
-  Only the last S valid columns are written (earlier ones would be overwritten in the ring).
+  old, new: pytrees with the same structure whose leaves are [B, S, ...] and [B, T, ...];
+  columns >= num_columns are bucket padding. Only the last S valid columns are written (earlier
+  ones would be overwritten in the ring).
   """
-  s, t = cache.pos.shape[1], k.shape[1]
+  s = jax.tree.leaves(old)[0].shape[1]
+  t = jax.tree.leaves(new)[0].shape[1]
   col = jnp.arange(t)
   keep = (col < num_columns) & (col >= num_columns - s)
   # [T] slot per column; S (out of range) drops the write
   slots = jnp.where(keep, (start + col) % s, s)
-  return LayerCache(
-      k=cache.k.at[:, slots].set(k.astype(cache.k.dtype), mode="drop"),
-      v=cache.v.at[:, slots].set(v.astype(cache.v.dtype), mode="drop"),
-      pos=cache.pos.at[:, slots].set(positions.astype(jnp.int32), mode="drop"))
+  return jax.tree.map(lambda o, n: o.at[:, slots].set(n.astype(o.dtype), mode="drop"), old, new)
 
 
-def update_and_view(cache: LayerCache | None, k: jax.Array, v: jax.Array,
-                    positions: jax.Array, start: jax.Array, num_columns: jax.Array):
-  """Stores this call's K/V and returns what the queries attend to.
+def update_and_view(cache, codec: kv_quant_lib.Codec | None, k: jax.Array, v: jax.Array,
+                    positions: jax.Array, start: jax.Array, num_columns: jax.Array,
+                    q: jax.Array | None = None):
+  """Stores this call's K/V and returns what the queries attend to: the one dispatch point
+  between float and TurboQuant caches.
 
+  Args:
+    k, v: [B, T, K, H] this call's keys/values; positions [B, T] (-1 for padding).
+    start: [] int32 write pointer; num_columns: [] int32 valid columns.
+    q: this call's queries [B, T, K, G, H] (a TurboQuant cache fits its key scaling to them).
   Returns:
-    ((k [B, S', K, H], v [B, S', K, H], key_positions [B, S']), new cache or None).
-    Without a cache the view is this call's K/V. A single-token call (decode) attends over the
-    updated buffer. A multi-token call attends over the old buffer plus its own K/V, because a
-    ring buffer may overwrite slots that earlier queries of the same call still need.
+    (a view (FloatView or QuantView) over [B, S', ...] keys, new cache or None). Without a cache
+    the view is this call's K/V. A single-token call (decode) attends over the updated buffer. A
+    multi-token call attends over the old buffer plus its own K/V, because a ring buffer may
+    overwrite slots that earlier queries of the same call still need.
   """
   if cache is None:
-    return (k, v, positions), None
-  new = write(cache, k, v, positions, start, num_columns)
+    return FloatView(k, v, positions), None
+  if isinstance(cache, kv_quant_lib.QuantLayerCache):
+    return kv_quant_lib.update_and_view(cache, codec, k, v, positions, start, num_columns,
+                                        scatter, q)
+  positions = positions.astype(jnp.int32)
+  k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+  new = LayerCache(*scatter((cache.k, cache.v, cache.pos), (k, v, positions), start,
+                            num_columns))
   if k.shape[1] == 1:
-    return (new.k, new.v, new.pos), new
-  view = (jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1),
-          jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1),
-          jnp.concatenate([cache.pos, positions.astype(jnp.int32)], axis=1))
+    return FloatView(new.k, new.v, new.pos), new
+  view = FloatView(jnp.concatenate([cache.k, k], axis=1), jnp.concatenate([cache.v, v], axis=1),
+                   jnp.concatenate([cache.pos, positions], axis=1))
   return view, new

@@ -2,19 +2,21 @@
 
   gemma4 generate --checkpoint PATH (--prompt TEXT | --prompt-ids 2,17,5) --max-new-tokens N
                   [--temperature T] [--top-k K] [--top-p P] [--seed S]
-                  [--dtype float32|bfloat16] [--quant RECIPE] [--json]
+                  [--dtype float32|bfloat16] [--quant RECIPE] [--kv-quant KV] [--json]
                   [--chat [--system TEXT] [--thinking]]
   gemma4 logits   --checkpoint PATH --prompt-ids 2,17,5 --out FILE.npy [--dtype float32]
                   [--quant RECIPE]
   gemma4 chat     --checkpoint PATH [--system TEXT] [--thinking] [--max-new-tokens N] [sampling]
-                  [--quant RECIPE]
-  gemma4 eval     --checkpoint PATH --text FILE [--quant RECIPE] [--context 1024]
+                  [--quant RECIPE] [--kv-quant KV]
+  gemma4 eval     --checkpoint PATH --text FILE [--quant RECIPE] [--kv-quant KV] [--context 1024]
                   [--max-tokens N] [--json]
   gemma4 info     --checkpoint PATH
   gemma4 convert  --checkpoint IN --out DIR [--dtype bfloat16]
   gemma4 quantize --checkpoint IN --recipe RECIPE --out DIR [--dtype bfloat16]
 
 RECIPE: tq4, tq3, tq2, tq-mixed (TurboQuant), int8, int4 (g128), nf4, bf16 (gemma.quant.recipes).
+KV: bf16, f32, or a TurboQuant KV cache tq2, tq2.5, tq3, tq3.5, tq4 (gemma.kv_quant).
+generate --json reports kv_cache_bytes: the bytes of the cache actually allocated.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from gemma.config import PRESETS
+from gemma.kv_quant import CHOICES as KV_CHOICES
 from gemma.quant.recipes import RECIPES
 
 DTYPES = ("float32", "bfloat16")
@@ -66,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", choices=list(RECIPES), default=None,
                    help="quantize the weights on load with this recipe")
 
+  def kv_flag(p):
+    p.add_argument("--kv-quant", choices=list(KV_CHOICES), default=None,
+                   help="KV cache storage: bf16/f32, or TurboQuant at 2-4 bits per channel "
+                        "(default: the activation dtype)")
+
   def chat_flags(p):
     p.add_argument("--system", default=None, help="system prompt of the chat")
     p.add_argument("--thinking", action="store_true", help="Gemma 4 thinking mode")
@@ -73,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
   gen = sub.add_parser("generate", help="generate tokens from a prompt")
   common(gen)
   quant_flag(gen)
+  kv_flag(gen)
   prompt = gen.add_mutually_exclusive_group(required=True)
   prompt.add_argument("--prompt", help="prompt text (needs a tokenizer in the checkpoint)")
   prompt.add_argument("--prompt-ids", type=_ids, help="comma-separated prompt token ids")
@@ -85,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
   ch = sub.add_parser("chat", help="interactive chat, streaming tokens as they are decoded")
   common(ch)
   quant_flag(ch)
+  kv_flag(ch)
   sampling(ch, max_new_tokens=512)
   chat_flags(ch)
 
@@ -113,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
   ev.add_argument("--max-tokens", type=int, default=0,
                   help="score only the first N tokens of the text (0: all)")
   ev.add_argument("--json", action="store_true", help="last stdout line is a JSON object")
+  kv_flag(ev)
 
   qz = sub.add_parser("quantize", help="quantize a checkpoint tensor by tensor and save it")
   common(qz, dtype_help="stored dtype of the tensors kept in float (default bfloat16)")
@@ -214,12 +225,14 @@ def cmd_generate(args) -> int:
     prompt = tokenizer.encode(args.prompt) if tokenizer else args.prompt_ids
   _check_ids(prompt, cfg)
   result = generate(params, cfg, [prompt], args.max_new_tokens, sampler, seed=args.seed,
-                    eos_ids=sorted(eos), on_token=_Stream(tokenizer, enabled=not args.json))
+                    eos_ids=sorted(eos), on_token=_Stream(tokenizer, enabled=not args.json),
+                    kv_quant=args.kv_quant)
   out = dict(
       token_ids=result.tokens[0], prompt_ids=list(prompt),
       prefill_tokens_per_s=result.prefill_tokens_per_s,
       decode_tokens_per_s=result.decode_tokens_per_s, compile_s=result.compile_s,
-      dtype=str(params.embed.dtype), model=cfg.name)
+      dtype=str(params.embed.dtype), model=cfg.name, kv_quant=args.kv_quant,
+      kv_cache_bytes=result.kv_cache_bytes)
   if tokenizer:
     out["text"] = tokenizer.decode(result.tokens[0])
   if args.json:
@@ -251,7 +264,8 @@ def cmd_chat(args, stdin=None) -> int:
     history.append(chat.Message("user", line.rstrip("\n")))
     prompt = chat.chat_prompt(tokenizer, history, thinking=args.thinking)
     result = generate(params, cfg, [prompt], args.max_new_tokens, sampler,
-                      seed=args.seed + turn, eos_ids=stop, on_token=_Stream(tokenizer))
+                      seed=args.seed + turn, eos_ids=stop, on_token=_Stream(tokenizer),
+                      kv_quant=args.kv_quant)
     reply = [i for i in result.tokens[0] if i not in stop]
     history.append(chat.Message("model", tokenizer.decode(reply)))
     print(f"\n[{result.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)

@@ -46,7 +46,8 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_eval(args) -> int:
-  """`gemma4 eval`: perplexity, and KL / top-1 agreement against the unquantized model."""
+  """`gemma4 eval`: perplexity, and KL / top-1 agreement against the unquantized model (weights
+  without --quant, KV cache without --kv-quant)."""
   text = Path(args.text).read_text(encoding="utf-8")
   if args.max_tokens < 0:
     raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
@@ -61,16 +62,19 @@ def cmd_eval(args) -> int:
     params = quantize_params(reference, args.quant)
   else:
     (cfg, params), reference = _load(args), None
+  if args.kv_quant and reference is None:  # compare against the same weights, plain cache
+    reference = params
   result = evaluate(params, cfg, ids, args.context, reference=reference,
-                    bos_id=getattr(tokenizer, "bos_id", None))
+                    bos_id=getattr(tokenizer, "bos_id", None), kv_quant=args.kv_quant)
   size = size_report(params)
   bits = size["quantized_bits_per_weight"] or size["bits_per_weight"]
   out = dict(perplexity=result.perplexity, mean_kl=result.mean_kl,
              top1_agreement=result.top1_agreement, bits_per_weight=bits,
              reference_perplexity=result.reference_perplexity, tokens=result.tokens,
              windows=result.windows, context=args.context, recipe=args.quant or "none",
+             kv_quant=args.kv_quant or "none",
              model=cfg.name, bytes=size["total_bytes"], seconds=result.seconds)
-  print(f"{cfg.name} [{out['recipe']}] on {result.tokens} tokens: perplexity "
+  print(f"{cfg.name} [{out['recipe']}, kv {out['kv_quant']}] on {result.tokens} tokens: perplexity "
         f"{result.perplexity:.4f} (reference {result.reference_perplexity:.4f}), mean KL "
         f"{result.mean_kl:.5f}, top-1 agreement {result.top1_agreement:.4f}, "
         f"{bits:.3f} bits/weight")

@@ -92,6 +92,7 @@ class Generation:
   prefill_s: float
   decode_s: float
   decode_steps: int
+  kv_cache_bytes: int = 0  # bytes of the cache allocated for this generation (every leaf)
 
   @property
   def prefill_tokens_per_s(self) -> float:
@@ -141,7 +142,8 @@ def check_capacity(cfg: ModelConfig, prompt_len: int, max_new_tokens: int,
 def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
              max_new_tokens: int, sampler: Sampler = GREEDY, seed: int = 0,
              max_length: int | None = None, eos_ids: Sequence[int] | None = None,
-             on_token: Callable[[list[int]], None] | None = None) -> Generation:
+             on_token: Callable[[list[int]], None] | None = None,
+             kv_quant: str | None = None) -> Generation:
   """Generates up to `max_new_tokens` per prompt; a row stops at its first EOS id.
 
   Args:
@@ -149,6 +151,8 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     max_length: cache length; default prompt + max_new_tokens. Too small is an error raised
       before any compute.
     eos_ids: stop ids (default cfg.eos_ids); on_token: called with each step's new ids.
+    kv_quant: KV cache storage (`gemma.cache.init_cache`): None, "bf16", "f32" or a TurboQuant
+      width such as "tq3.5".
   """
   tokens, positions = left_pad(prompts, cfg.pad_id)
   b, t = tokens.shape
@@ -156,7 +160,8 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
   check_capacity(cfg, t, max_new_tokens, max_length)
   stop = np.asarray(sorted(set(cfg.eos_ids if eos_ids is None else eos_ids)), np.int32)
   key = jax.random.key(seed)
-  cache = init_cache(cfg, b, max_length, params.embed.dtype)
+  cache = init_cache(cfg, b, max_length, params.embed.dtype, kv_quant)
+  cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
 
   args = (params, *bucket_inputs(cfg, tokens, positions), cache)
   t0 = time.perf_counter()
@@ -191,5 +196,5 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
       decode_s += time.perf_counter() - t0
       steps += 1
   return Generation(tokens=out, prompt_tokens=int((positions >= 0).sum()), compile_s=compile_s,
-                    prefill_s=prefill_s,
-                    decode_s=decode_s, decode_steps=steps)
+                    prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps,
+                    kv_cache_bytes=cache_bytes)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma.cache import init_cache
 from gemma.config import ModelConfig
 from gemma.formats.common import progress
 from gemma.model import forward
@@ -64,11 +65,19 @@ def make_windows(ids: list[int], context: int, bos_id: int) -> tuple[np.ndarray,
   return tokens, positions
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
+@functools.partial(jax.jit, static_argnames=("cfg", "kv_quant"))
 def log_probs(params: Params, tokens: jax.Array, positions: jax.Array,
-              cfg: ModelConfig) -> jax.Array:
-  """[1, T-1, V] float32 log-probabilities of the tokens after each of a window's first T-1."""
-  logits, _ = forward(params, tokens, positions, cfg)
+              cfg: ModelConfig, kv_quant: str | None = None) -> jax.Array:
+  """[1, T-1, V] float32 log-probabilities of the tokens after each of a window's first T-1.
+
+  kv_quant: attend through a KV cache of that kind (`gemma.cache.init_cache`): every token then
+  sees the stored (e.g. TurboQuant) keys and values of all earlier tokens and of itself, exactly
+  as in streaming decode.
+  """
+  cache = None
+  if kv_quant is not None:  # one slot: the window attends to its own stored K/V
+    cache = init_cache(cfg, tokens.shape[0], 1, params.embed.dtype, kv_quant)
+  logits, _ = forward(params, tokens, positions, cfg, cache)
   return jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
 
 
@@ -94,7 +103,8 @@ def window_sums(lq: jax.Array, lp: jax.Array, tokens: jax.Array,
 
 def evaluate_many(models: dict[str, Params], cfg: ModelConfig, ids: list[int], context: int,
                   reference: Params | None = None, bos_id: int | None = None,
-                  show_progress: bool = True) -> dict[str, EvalResult]:
+                  show_progress: bool = True, kv_quants: dict[str, str | None] | None = None,
+                  reference_kv_quant: str | None = None) -> dict[str, EvalResult]:
   """`evaluate` for several models against one reference, run once per window.
 
   Args:
@@ -103,7 +113,10 @@ def evaluate_many(models: dict[str, Params], cfg: ModelConfig, ids: list[int], c
     ids: the text's token ids (without BOS).
     context: window length in tokens, BOS included.
     reference: the reference model (None: each model is its own reference, KL = 0).
+    kv_quants: name -> KV cache kind of that model (`init_cache`'s kv_quant; default none).
+    reference_kv_quant: the reference model's KV cache kind.
   """
+  kv_quants = kv_quants or {}
   if context > cfg.max_position_embeddings:
     raise ValueError(f"context {context} exceeds the model's {cfg.max_position_embeddings}")
   bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
@@ -114,10 +127,10 @@ def evaluate_many(models: dict[str, Params], cfg: ModelConfig, ids: list[int], c
   seconds = dict.fromkeys(models, 0.0)
   for w in range(len(tokens)):
     t, p = jnp.asarray(tokens[w:w + 1]), jnp.asarray(positions[w:w + 1])
-    lp = None if reference is None else log_probs(reference, t, p, cfg)
+    lp = None if reference is None else log_probs(reference, t, p, cfg, reference_kv_quant)
     for name, params in models.items():
       t0 = time.perf_counter()
-      lq = log_probs(params, t, p, cfg)
+      lq = log_probs(params, t, p, cfg, kv_quants.get(name))
       sums[name] += np.asarray(window_sums(lq, lq if lp is None else lp, t, p), np.float64)
       seconds[name] += time.perf_counter() - t0
       del lq
@@ -134,7 +147,7 @@ def evaluate_many(models: dict[str, Params], cfg: ModelConfig, ids: list[int], c
 
 def evaluate(params: Params, cfg: ModelConfig, ids: list[int], context: int,
              reference: Params | None = None, bos_id: int | None = None,
-             show_progress: bool = True) -> EvalResult:
+             show_progress: bool = True, kv_quant: str | None = None) -> EvalResult:
   """Perplexity of `params` on `ids` and its KL / top-1 agreement against `reference`.
 
   Args:
@@ -142,6 +155,9 @@ def evaluate(params: Params, cfg: ModelConfig, ids: list[int], context: int,
     cfg: its config; `context` may not exceed cfg.max_position_embeddings.
     ids: the text's token ids (without BOS).
     context: window length in tokens, BOS included.
-    reference: the reference model (None: `params` itself, so KL = 0 and agreement = 1).
+    reference: the reference model (None: `params` itself, so KL = 0 and agreement = 1); it
+      always runs with the plain cache.
+    kv_quant: KV cache of the evaluated model (`gemma.cache.init_cache`), e.g. "tq3.5".
   """
-  return evaluate_many({"": params}, cfg, ids, context, reference, bos_id, show_progress)[""]
+  return evaluate_many({"": params}, cfg, ids, context, reference, bos_id, show_progress,
+                       kv_quants={"": kv_quant})[""]

@@ -10,8 +10,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from gemma.attention import KVView, attention
-from gemma.cache import KVCache
+from gemma.attention import attention
+from gemma.cache import KVCache, KVView
 from gemma.config import LayerSpec, ModelConfig
 from gemma.layers import einsum, gelu, mlp, rms_norm, softcap
 from gemma.moe import moe_ffn
@@ -50,13 +50,13 @@ def dense_ffn(layer: Layer, h: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 def decoder_layer(layer: Layer, h: jax.Array, positions: jax.Array, spec: LayerSpec,
                   cfg: ModelConfig, *, ple: jax.Array | None, shared: KVView | None,
-                  cache, start, num_columns):
+                  cache, codec, start, num_columns):
   """One decoder layer. h: [B, T, D]; ple: [B, T, P] or None. Returns (h, kv view, cache)."""
   norm = dict(eps=cfg.rms_eps, plus_one=cfg.norm_plus_one)
   with jax.named_scope("attn"):
     a, view, new_cache = attention(
         layer.attn, rms_norm(h, layer.attn_pre_norm, **norm), positions, spec, cfg,
-        shared=shared, cache=cache, start=start, num_columns=num_columns)
+        shared=shared, cache=cache, codec=codec, start=start, num_columns=num_columns)
     h = h + rms_norm(a, layer.attn_post_norm, **norm)
   with jax.named_scope("mlp"):
     h = h + (moe_ffn(layer, h, cfg) if layer.moe is not None else dense_ffn(layer, h, cfg))
@@ -100,8 +100,8 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelC
     layer_cache = cache.layers[spec.index] if cache is not None else None
     h, views[spec.index], new_cache = decoder_layer(
         layer, h, positions, spec, cfg, ple=None if ple is None else ple[:, :, spec.index],
-        shared=views.get(spec.kv_source), cache=layer_cache, start=start,
-        num_columns=num_columns)
+        shared=views.get(spec.kv_source), cache=layer_cache,
+        codec=cache.codec if cache is not None else None, start=start, num_columns=num_columns)
     new_layers.append(new_cache)
   if logits_at is not None:
     h = jax.lax.dynamic_index_in_dim(h, logits_at, axis=1, keepdims=False)
@@ -116,5 +116,5 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelC
   last = jnp.max(jnp.where(valid, positions, -1), axis=1)
   next_pos = jnp.where(last >= 0, last + 1, cache.next_pos)
   new_cache = KVCache(layers=tuple(new_layers), length=cache.length + num_columns,
-                      next_pos=next_pos)
+                      next_pos=next_pos, codec=cache.codec)
   return logits, new_cache

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from gemma import config as C
+from gemma import kv_quant as kvq
 from gemma import params as P
 from gemma.cache import cache_size
 from gemma.quant import packing
@@ -98,14 +99,55 @@ def footprint(cfg: C.ModelConfig, recipe: Recipe | str) -> dict:
   return size_report(quantized_abstract(cfg, recipe))
 
 
-def kv_cache_bytes(cfg: C.ModelConfig, context: int, batch: int = 1, itemsize: int = 2) -> int:
-  """Bytes of the KV cache (gemma.cache layout: K and V per non-shared layer) at `context`."""
-  total = 0
-  for spec in cfg.layers:
-    if not spec.shares_kv:
-      slots = cache_size(cfg, spec.index, context)
-      total += 2 * batch * slots * spec.num_kv_heads * spec.head_dim * itemsize
+def kv_cache_bytes(cfg: C.ModelConfig, context: int, batch: int = 1, itemsize: int = 2,
+                   kv_quant=None) -> int:
+  """Bytes `gemma.cache.init_cache(cfg, batch, context, kv_quant=...)` allocates (every leaf).
+
+  kv_quant: None (K/V of `itemsize` bytes), "bf16" / "f32", or a TurboQuant width ("tq3.5", or a
+  `gemma.kv_quant.KVQuant`): codes, signs and float16 norms per slot, the per-row means, scales
+  and channel orders, and the shared rotations.
+  """
+  spec = None
+  if isinstance(kv_quant, str) and kv_quant in kvq.FLOAT_CACHES:
+    itemsize = jnp.dtype(kvq.FLOAT_CACHES[kv_quant]).itemsize
+  elif kv_quant is not None:
+    spec = kvq.get_kv_quant(kv_quant)
+  total = 4 + 4 * batch  # length, next_pos
+  head_dims = set()
+  for ls in cfg.layers:
+    if ls.shares_kv:
+      continue
+    slots = cache_size(cfg, ls.index, context)
+    k, h = ls.num_kv_heads, ls.head_dim
+    total += batch * slots * 4  # positions
+    if spec is None:
+      total += 2 * batch * slots * k * h * itemsize
+      continue
+    head_dims.add(h)
+    total += batch * slots * k * kvq.vector_bytes(spec, h)
+    per_row = 2 * (spec.parts > 1) + 2 * spec.center + spec.query_scaling  # [K, H] f32 arrays
+    total += per_row * batch * k * h * 4
+  if spec is not None:
+    total += kvq.codec_bytes(spec, head_dims)
   return total
+
+
+def kv_table(presets=("gemma4-31b", "gemma4-e4b"), contexts=(8192, 131_072),
+             kinds=("bf16", *kvq.KV_QUANTS)) -> str:
+  """A text table: KV cache GiB and bytes per token (batch 1) at each context, from shapes."""
+  lines = [f"{'preset':<14}{'kv':<8}{'bits/ch':>8}" + "".join(
+      f"{'GiB@' + str(c):>12}{'B/tok@' + str(c):>14}" for c in contexts)]
+  for name in presets:
+    cfg = C.get_preset(name)
+    for kind in kinds:
+      bits = 16.0 if kind == "bf16" else kvq.bits_per_channel(
+          kvq.get_kv_quant(kind), cfg.global_head_dim or cfg.head_dim)
+      row = f"{name:<14}{kind:<8}{bits:>8.3f}"
+      for c in contexts:
+        b = kv_cache_bytes(cfg, c, kv_quant=kind)
+        row += f"{b / GIB:>12.3f}{b / c:>14,.0f}"
+      lines.append(row)
+  return "\n".join(lines)
 
 
 def table(presets=tuple(C.PRESETS), recipes=tuple(RECIPES), context: int = 32_768) -> str:
@@ -128,8 +170,10 @@ def main(argv=None):
   ap.add_argument("--presets", nargs="*", default=list(C.PRESETS))
   ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
   ap.add_argument("--context", type=int, default=32_768, help="KV cache length (bf16, batch 1)")
+  ap.add_argument("--kv", action="store_true",
+                  help="print the KV cache table (31B and E4B at 8K and 128K, every --kv-quant)")
   args = ap.parse_args(argv)
-  print(table(args.presets, args.recipes, args.context))
+  print(kv_table() if args.kv else table(args.presets, args.recipes, args.context))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,431 @@
+"""TurboQuant KV cache: keys with TurboQuant_prod (unbiased scores), values with TurboQuant_mse.
+
+Each key/value head vector [H] is split into parts; each part is its own TurboQuant instance of
+n = H / parts channels with one norm per vector (float16), a Haar rotation Π [n, n] and, for keys,
+a Gaussian QJL projection S [n, n] (shared by all layers with that n: `Codec`).
+  keys:   code = Q_{b-1}(Π k/‖k‖), γ = ‖r‖ of the residual r = Π k/‖k‖ - c[code], signs = sign(S r)
+          (S Πᵀ is Gaussian too, so this is Algorithm 2 of the paper in the rotated basis).
+  values: code = Q_b(Π v/‖v‖).
+Widths: tq2, tq3, tq4 quantize every channel at b bits. The fractional widths split each head's
+channels into halves: the outlier half (the H/2 channels with the largest mean square over the
+first call's valid tokens, per row and KV head, chosen separately for keys and values and then
+fixed: `choose_outliers`) at one bit more: tq2.5 = 3 + 2 bits, tq3.5 = 4 + 3 bits. (The paper's
+2.5-bit setup uses 32 of 128 channels at 3 bits; equal halves keep every part a power of two and
+give exactly the nominal code bits.) Sign bits count in the key width: prod at b bits = b - 1 code
+bits + 1 sign bit per channel.
+
+Attention never rebuilds a key: the query is permuted, rotated (q̂ = Π q) and projected (S q̂)
+once, and scored against the codes (`QuantView.scores`); values are mixed in the rotated basis and
+rotated back once per query (`QuantView.mix`). Both go through `pallas_kernels.registry`
+("tq_scores", "tq_mix"): the Pallas kernels on a GPU, plain jnp elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from gemma.params import pytree_dataclass
+from gemma.quant import codebook
+from gemma.quant.rotation import gaussian_np, haar_np
+from pallas_kernels import registry
+from pallas_kernels.tq_attention import pack_lanes, packed_words, qjl_scale, unpack_lanes
+
+_HI = jax.lax.Precision.HIGHEST
+NORM_DTYPE = jnp.float16
+_F16_MAX = float(jnp.finfo(jnp.float16).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class KVQuant:
+  """A KV-cache width: bits per channel of each part (outlier part first)."""
+
+  name: str
+  key_bits: tuple[int, ...]  # TurboQuant_prod bits (b - 1 code bits + 1 sign bit)
+  value_bits: tuple[int, ...]  # TurboQuant_mse bits
+  seed: int = 0
+  center: bool = True  # subtract a per-(row, KV head) mean vector before quantizing
+  key_method: str = "prod"  # "prod" (TurboQuant_prod) or "mse" (ablation: biased, lower variance)
+  query_scaling: bool = True  # store k ⊙ w and score q ⊘ w, w² = rms(q) / rms(k) per channel
+
+  def __post_init__(self):
+    if self.key_method not in ("prod", "mse"):
+      raise ValueError(f"key_method must be 'prod' or 'mse', got {self.key_method!r}")
+
+  @property
+  def key_qjl(self) -> bool:
+    return self.key_method == "prod"
+
+  def key_code_bits(self, bits: int) -> int:
+    """Codebook bits of a key part of `bits` bits (prod spends one on the QJL sign)."""
+    return bits - 1 if self.key_qjl else bits
+
+  @property
+  def parts(self) -> int:
+    return len(self.key_bits)
+
+  @property
+  def bits(self) -> float:
+    """Mean code bits per channel of keys and values (norms excluded)."""
+    return (sum(self.key_bits) + sum(self.value_bits)) / (2 * self.parts)
+
+
+KV_QUANTS = {
+    "tq2": KVQuant("tq2", (2,), (2,)),
+    "tq2.5": KVQuant("tq2.5", (3, 2), (3, 2)),
+    "tq3": KVQuant("tq3", (3,), (3,)),
+    "tq3.5": KVQuant("tq3.5", (4, 3), (4, 3)),
+    "tq4": KVQuant("tq4", (4,), (4,)),
+}
+# Ablation: keys with TurboQuant_mse at the same widths (biased scores, lower variance).
+KV_QUANTS.update({f"{k}-mse": dataclasses.replace(v, name=f"{k}-mse", key_method="mse")
+                  for k, v in list(KV_QUANTS.items())})
+FLOAT_CACHES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
+CHOICES = (*FLOAT_CACHES, *KV_QUANTS)  # the values of --kv-quant
+
+
+def get_kv_quant(name: str | KVQuant) -> KVQuant:
+  if isinstance(name, KVQuant):
+    return name
+  try:
+    return KV_QUANTS[name]
+  except KeyError:
+    raise ValueError(f"unknown KV-cache quantization {name!r}; "
+                     f"valid: {', '.join(CHOICES)}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def centroids(bits: int, n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(centroids, boundaries) of the Lloyd-Max codebook for coordinates of unit vectors in R^n."""
+  c, b = codebook.sphere_codebook(bits, n, "beta")
+  return tuple(float(x) for x in c), tuple(float(x) for x in b)
+
+
+def part_dims(spec: KVQuant, head_dim: int, layer: int | None = None) -> int:
+  """Channels n of each part of a head of `head_dim`; ValueError when it cannot be packed."""
+  n = head_dim // spec.parts
+  if head_dim % spec.parts or n % 32:
+    where = "" if layer is None else f" (layer {layer})"
+    raise ValueError(f"--kv-quant {spec.name} needs head_dim divisible by {32 * spec.parts}; "
+                     f"head_dim is {head_dim}{where}")
+  return n
+
+
+# ----------------------------------------------------------------------------- codec
+@pytree_dataclass
+class Codec:
+  """Rotations and projections shared by every layer, one set per part size n (in `dims`)."""
+
+  spec: KVQuant = dataclasses.field(metadata=dict(static=True))
+  dims: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+  key_rot: tuple[jax.Array, ...]  # Π [n, n] per dim
+  key_proj: tuple[jax.Array, ...]  # S [n, n] per dim, i.i.d. N(0, 1)
+  value_rot: tuple[jax.Array, ...]  # Π [n, n] per dim
+
+  def mats(self, n: int):
+    i = self.dims.index(n)
+    return self.key_rot[i], self.key_proj[i], self.value_rot[i]
+
+
+def make_codec(spec: KVQuant, dims) -> Codec:
+  dims = tuple(sorted(set(dims)))
+  seed = 1_000_003 * spec.seed
+  as32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+  return Codec(spec=spec, dims=dims,
+               key_rot=tuple(as32(haar_np(seed + 2 * n, n)) for n in dims),
+               key_proj=tuple(as32(gaussian_np(seed + n, n)) for n in dims),
+               value_rot=tuple(as32(haar_np(seed + 2 * n + 1, n)) for n in dims))
+
+
+# ----------------------------------------------------------------------------- stored form
+@pytree_dataclass
+class PartCodes:
+  """One part of quantized vectors: [B, S, K, ...] (S = slots)."""
+
+  codes: jax.Array  # [B, S, K, n·b/32] uint32, lane-major packed
+  norm: jax.Array  # [B, S, K] float16 ‖x_part‖
+  signs: jax.Array | None = None  # [B, S, K, n/32] uint32 QJL signs (keys)
+  gamma: jax.Array | None = None  # [B, S, K] float16 ‖residual‖ (keys)
+
+
+@pytree_dataclass
+class QuantLayerCache:
+  k: tuple[PartCodes, ...]
+  v: tuple[PartCodes, ...]
+  pos: jax.Array  # [B, S] int32 absolute position per slot, -1 if none
+  k_perm: jax.Array | None = None  # [B, K, H] int32 channel order (outliers first); None: 1 part
+  v_perm: jax.Array | None = None
+  k_mean: jax.Array | None = None  # [B, K, H] float32 subtracted before quantizing; None: off
+  v_mean: jax.Array | None = None
+  k_scale: jax.Array | None = None  # [B, K, H] float32 w: keys are stored as k ⊙ w; None: off
+
+
+def _zeros_part(b, s, k, n, bits, qjl) -> PartCodes:
+  codes = jnp.zeros((b, s, k, packed_words(n, bits)), jnp.uint32)
+  norm = jnp.zeros((b, s, k), NORM_DTYPE)
+  if not qjl:
+    return PartCodes(codes, norm)
+  return PartCodes(codes, norm, jnp.zeros((b, s, k, n // 32), jnp.uint32),
+                   jnp.zeros((b, s, k), NORM_DTYPE))
+
+
+def init_layer(spec: KVQuant, batch: int, slots: int, kv_heads: int, head_dim: int,
+               layer: int | None = None) -> QuantLayerCache:
+  n = part_dims(spec, head_dim, layer)
+  k = tuple(_zeros_part(batch, slots, kv_heads, n, spec.key_code_bits(b), spec.key_qjl)
+            for b in spec.key_bits)
+  v = tuple(_zeros_part(batch, slots, kv_heads, n, b, False) for b in spec.value_bits)
+  # fresh arrays per field: a donated cache may not hold one buffer twice
+  shape = (batch, kv_heads, head_dim)
+  perm = lambda: (jnp.broadcast_to(jnp.arange(head_dim, dtype=jnp.int32), shape) + 0  # noqa: E731
+                  if spec.parts > 1 else None)
+  mean = lambda: jnp.zeros(shape, jnp.float32) if spec.center else None  # noqa: E731
+  return QuantLayerCache(k=k, v=v, pos=jnp.full((batch, slots), -1, jnp.int32), k_perm=perm(),
+                         v_perm=perm(), k_mean=mean(), v_mean=mean(),
+                         k_scale=jnp.ones(shape, jnp.float32) if spec.query_scaling else None)
+
+
+# ----------------------------------------------------------------------------- quantize
+def token_mean(x: jax.Array, valid: jax.Array) -> jax.Array:
+  """Mean over valid tokens. x: [B, T, K, H]; valid: [B, T] bool -> [B, K, H] float32."""
+  w = valid.astype(jnp.float32)
+  total = jnp.einsum("btkh,bt->bkh", x.astype(jnp.float32), w)
+  return total / jnp.maximum(jnp.sum(w, axis=1), 1)[:, None, None]
+
+
+def query_scale(q: jax.Array, k: jax.Array, valid: jax.Array) -> jax.Array:
+  """Per-channel w with w² = rms(q_c) / rms(k_c) (over valid tokens and the GQA group).
+
+  Scores are unchanged (⟨q ⊘ w, k ⊙ w⟩ = ⟨q, k⟩), but an isotropic error on k ⊙ w costs
+  (Σ_c |q_c| |k_c|)² instead of ‖q‖² ‖k‖² in score variance: channels the queries ignore stop
+  taking bits from the ones they read. q: [B, T, K, G, H]; k: [B, T, K, H] -> [B, K, H] float32.
+  """
+  rq = jnp.sqrt(jnp.mean(jax.vmap(token_mean, (3, None))(jnp.square(q.astype(jnp.float32)),
+                                                         valid), axis=0))
+  rk = jnp.sqrt(token_mean(jnp.square(k.astype(jnp.float32)), valid))
+  floor = 1e-6 * (jnp.mean(rq, -1, keepdims=True) + jnp.mean(rk, -1, keepdims=True))
+  return jnp.sqrt((rq + floor) / (rk + floor))
+
+
+def choose_outliers(x: jax.Array, valid: jax.Array) -> jax.Array:
+  """Channel order per (row, KV head), largest mean square over valid tokens first.
+
+  x: [B, T, K, H] (already centered when centering is on); valid: [B, T] bool.
+  Returns [B, K, H] int32 (the first H/parts channels are the outliers).
+  """
+  energy = token_mean(jnp.square(x.astype(jnp.float32)), valid)
+  return jnp.argsort(-energy, axis=-1, stable=True).astype(jnp.int32)
+
+
+def _permute(x: jax.Array, perm: jax.Array | None) -> jax.Array:
+  """x [B, T, K, (G,) H] in the channel order perm [B, K, H]."""
+  if perm is None:
+    return x
+  idx = perm[:, None, :, None, :] if x.ndim == 5 else perm[:, None]
+  return jnp.take_along_axis(x, idx, axis=-1)
+
+
+def _unit(x):
+  norm = jnp.linalg.norm(x, axis=-1)
+  return x / jnp.where(norm > 0, norm, 1)[..., None], norm
+
+
+def quantize_part(x: jax.Array, bits: int, rot: jax.Array, proj: jax.Array | None) -> PartCodes:
+  """TurboQuant of vectors x [..., n]: mse at `bits` code bits, and QJL signs if proj is given."""
+  n = x.shape[-1]
+  u, norm = _unit(x.astype(jnp.float32))
+  y = jnp.einsum("...j,ij->...i", u, rot, precision=_HI)  # Π u
+  cents, bounds = centroids(bits, n)
+  idx = jnp.searchsorted(jnp.asarray(bounds, jnp.float32), y, method="compare_all")
+  to16 = lambda a: jnp.minimum(a, _F16_MAX).astype(NORM_DTYPE)  # noqa: E731
+  codes = pack_lanes(idx, bits)
+  if proj is None:
+    return PartCodes(codes, to16(norm))
+  r = y - jnp.asarray(cents, jnp.float32)[idx]
+  signs = pack_lanes((jnp.einsum("...j,ij->...i", r, proj, precision=_HI) >= 0), 1)
+  return PartCodes(codes, to16(norm), signs, to16(jnp.linalg.norm(r, axis=-1)))
+
+
+def _code_bits(spec: KVQuant, keys: bool) -> list[int]:
+  return [spec.key_code_bits(b) for b in spec.key_bits] if keys else list(spec.value_bits)
+
+
+def _part_args(spec: KVQuant, codec: Codec, n: int, keys: bool):
+  """(code bits per part, rotation, QJL projection or None) of keys or values."""
+  rot_k, proj, rot_v = codec.mats(n)
+  if keys:
+    return _code_bits(spec, True), rot_k, proj if spec.key_qjl else None
+  return _code_bits(spec, False), rot_v, None
+
+
+def quantize(x: jax.Array, perm, codec: Codec, keys: bool):
+  """Keys or values [B, T, K, H] -> one PartCodes per part."""
+  x = _permute(x, perm)
+  n = x.shape[-1] // codec.spec.parts
+  bits, rot, proj = _part_args(codec.spec, codec, n, keys)
+  return tuple(quantize_part(x[..., p * n:(p + 1) * n], b, rot, proj) for p, b in enumerate(bits))
+
+
+def dequantize_part(part: PartCodes, bits: int, rot: jax.Array, proj: jax.Array | None):
+  """x̃ [..., n] float32: ‖x‖ Πᵀ (c[code] + √(π/2)/n · γ · Sᵀ signs)."""
+  n = rot.shape[0]
+  cents, _ = centroids(bits, n)
+  y = jnp.asarray(cents, jnp.float32)[unpack_lanes(part.codes, bits, n)]
+  if proj is not None:
+    sgn = unpack_lanes(part.signs, 1, n).astype(jnp.float32) * 2 - 1
+    y = y + qjl_scale(n) * part.gamma.astype(jnp.float32)[..., None] * jnp.einsum(
+        "...i,ij->...j", sgn, proj, precision=_HI)
+  return part.norm.astype(jnp.float32)[..., None] * jnp.einsum("...i,ij->...j", y, rot,
+                                                               precision=_HI)
+
+
+# ----------------------------------------------------------------------------- the view
+@dataclasses.dataclass(frozen=True)
+class QuantView:
+  """What queries attend to in a quantized cache (also the KV-shared layers' view)."""
+
+  k: tuple[PartCodes, ...]
+  v: tuple[PartCodes, ...]
+  pos: jax.Array  # [B, S]
+  k_perm: jax.Array | None
+  v_perm: jax.Array | None
+  k_mean: jax.Array | None
+  v_mean: jax.Array | None
+  k_scale: jax.Array | None
+  codec: Codec
+
+  @property
+  def kv_heads(self) -> int:
+    return self.k[0].norm.shape[2]
+
+  def _n(self, head_dim: int) -> int:
+    return head_dim // self.codec.spec.parts
+
+  def scores(self, q: jax.Array) -> jax.Array:
+    """Logits ⟨q, k̃⟩ from the codes. q: [B, T, K, G, H] -> [B, K, G, T, S] float32."""
+    b, t, kh, g, h = q.shape
+    n = self._n(h)
+    code_bits, rot, proj = _part_args(self.codec.spec, self.codec, n, True)
+    qs = q.astype(jnp.float32)
+    if self.k_scale is not None:
+      qs = qs / self.k_scale[:, None, :, None, :]
+    # [B, K, T, G, H] -> per part [B, K, T·G, n]
+    qs = jnp.transpose(_permute(qs, self.k_perm), (0, 2, 1, 3, 4))
+    total = 0
+    for p, (bits, part) in enumerate(zip(code_bits, self.k, strict=True)):
+      qr = jnp.einsum("bktgj,ij->bktgi", qs[..., p * n:(p + 1) * n], rot, precision=_HI)
+      qp = None
+      if proj is not None:
+        qp = jnp.einsum("bktgj,ij->bktgi", qr, proj, precision=_HI).reshape(b, kh, t * g, n)
+      s = registry.call("tq_scores", qr.reshape(b, kh, t * g, n), qp, part.codes, part.signs,
+                        part.norm, part.gamma, bits=bits, table=centroids(bits, n)[0])
+      total = total + s
+    # [B, K, T, G, S] -> [B, K, G, T, S]
+    total = jnp.transpose(total.reshape(b, kh, t, g, -1), (0, 1, 3, 2, 4))
+    if self.k_mean is not None:  # ⟨q, μ_k⟩: the same for every key of a query
+      total = total + jnp.einsum("btkgh,bkh->bkgt", q.astype(jnp.float32), self.k_mean,
+                                 precision=_HI)[..., None]
+    return total
+
+  def mix(self, probs: jax.Array) -> jax.Array:
+    """Σ_s probs · ṽ_s. probs: [B, K, G, T, S] -> [B, T, K, G, H] float32."""
+    b, kh, g, t, s = probs.shape
+    p = jnp.transpose(probs, (0, 1, 3, 2, 4)).reshape(b, kh, t * g, s).astype(jnp.float32)
+    outs = []
+    for bits, part in zip(self.codec.spec.value_bits, self.v, strict=True):
+      n = part.codes.shape[-1] * 32 // bits
+      _, _, rot = self.codec.mats(n)
+      o = registry.call("tq_mix", p, part.codes, part.norm, bits=bits,
+                        table=centroids(bits, n)[0])
+      outs.append(jnp.einsum("bxi,ij->bxj", o.reshape(b, -1, n), rot, precision=_HI))
+    # [B, K, T, G, H] in the stored channel order -> the model's order
+    out = jnp.concatenate(outs, axis=-1).reshape(b, kh, t, g, -1)
+    out = jnp.transpose(out, (0, 2, 1, 3, 4))
+    if self.v_perm is not None:
+      inverse = jnp.argsort(self.v_perm, axis=-1)
+      out = _permute(out, inverse)
+    if self.v_mean is not None:  # Σ_s probs = 1, so the mean comes back whole
+      out = out + self.v_mean[:, None, :, None, :]
+    return out
+
+  def dequantized(self):
+    """(k̃, ṽ) [B, S, K, H] float32: the reference the attention on codes must match."""
+    spec = self.codec.spec
+
+    def rebuild(parts, perm, mean, scale, keys):
+      n = parts[0].codes.shape[-1] * 32 // _code_bits(spec, keys)[0]
+      bits, rot, proj = _part_args(spec, self.codec, n, keys)
+      x = jnp.concatenate([dequantize_part(pc, b, rot, proj)
+                           for pc, b in zip(parts, bits, strict=True)], axis=-1)
+      x = x if perm is None else _permute(x, jnp.argsort(perm, axis=-1))
+      x = x if scale is None else x / scale[:, None]
+      return x if mean is None else x + mean[:, None]
+
+    return (rebuild(self.k, self.k_perm, self.k_mean, self.k_scale, True),
+            rebuild(self.v, self.v_perm, self.v_mean, None, False))
+
+
+def _concat(old, new):
+  return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), old, new)
+
+
+def update_and_view(cache: QuantLayerCache, codec: Codec, k: jax.Array, v: jax.Array,
+                    positions: jax.Array, start: jax.Array, num_columns: jax.Array, write,
+                    q: jax.Array | None = None):
+  """Quantizes this call's K/V [B, T, K, H], stores them, returns (QuantView, new cache).
+
+  The first call (start == 0) fixes, per row and KV head, the mean vectors (centering) and the
+  outlier channels from its valid tokens. Every query attends to quantized keys
+  and values, its own column's included, so a prefill equals the same tokens decoded one by one.
+  `write(old_leaves, new_leaves, start, num_columns)` scatters slot-major leaves. q: this call's
+  queries [B, T, K, G, H] (for query scaling; None keeps the cache's scale).
+  """
+  spec = codec.spec
+  valid = (positions >= 0) & (jnp.arange(k.shape[1])[None, :] < num_columns)
+  first = start == 0
+  k_mean, v_mean = cache.k_mean, cache.v_mean
+  if spec.center:
+    k_mean = jnp.where(first, token_mean(k, valid), k_mean)
+    v_mean = jnp.where(first, token_mean(v, valid), v_mean)
+    k, v = k - k_mean[:, None], v - v_mean[:, None]
+  k_scale = cache.k_scale
+  if spec.query_scaling and q is not None:
+    k_scale = jnp.where(first, query_scale(q, k, valid), k_scale)
+  if k_scale is not None:
+    k = k * k_scale[:, None]
+  k_perm, v_perm = cache.k_perm, cache.v_perm
+  if spec.parts > 1:
+    k_perm = jnp.where(first, choose_outliers(k, valid), k_perm)
+    v_perm = jnp.where(first, choose_outliers(v, valid), v_perm)
+  fixed = dict(k_perm=k_perm, v_perm=v_perm, k_mean=k_mean, v_mean=v_mean, k_scale=k_scale)
+  new = QuantLayerCache(k=quantize(k, k_perm, codec, True), v=quantize(v, v_perm, codec, False),
+                        pos=positions.astype(jnp.int32), **fixed)
+  slot_major = lambda c: (c.k, c.v, c.pos)  # noqa: E731
+  stored = QuantLayerCache(*write(slot_major(cache), slot_major(new), start, num_columns),
+                           **fixed)
+  src = stored if k.shape[1] == 1 else QuantLayerCache(
+      *_concat(slot_major(cache), slot_major(new)), **fixed)
+  return QuantView(k=src.k, v=src.v, pos=src.pos, codec=codec, **fixed), stored
+
+
+def vector_bytes(spec: KVQuant, head_dim: int) -> int:
+  """Stored bytes of one key plus one value head vector (codes, signs, float16 norms)."""
+  n = head_dim // spec.parts
+  itemsize = jnp.dtype(NORM_DTYPE).itemsize
+  # prod: b - 1 code bits + 1 sign bit per channel, norm and γ; mse: b code bits and the norm
+  keys = sum(n * b // 8 + (2 if spec.key_qjl else 1) * itemsize for b in spec.key_bits)
+  values = sum(n * b // 8 + itemsize for b in spec.value_bits)
+  return keys + values
+
+
+def codec_bytes(spec: KVQuant, head_dims) -> int:
+  """Bytes of the shared rotations/projections (3 float32 [n, n] per part size)."""
+  return sum(3 * n * n * 4 for n in {h // spec.parts for h in head_dims})
+
+
+def bits_per_channel(spec: KVQuant, head_dim: int) -> float:
+  """Stored bits per K/V channel including norms (vs 16 for a bf16 cache)."""
+  return 8 * vector_bytes(spec, head_dim) / (2 * head_dim)

@@ -1,0 +1,132 @@
+"""KV-cache quantization quality: perplexity, KL and greedy agreement vs a bf16 cache, and a
+needle-in-a-haystack retrieval, for every --kv-quant width.
+
+Default: the real Gemma 3 270M GGUF weights on data/alice_in_wonderland.txt, windows of 1024
+tokens. Every scored token attends to the stored (quantized) keys and values of all earlier
+tokens and of itself, exactly as in streaming decode (`gemma.evaluate.log_probs`).
+
+  .venv/bin/python scripts/kv_quality.py [--checkpoint PATH] [--text FILE] [--widths ...]
+      [--context 1024] [--max-tokens N] [--needle-tokens 4096]
+
+Prints a Markdown table, then (last line) one JSON object {width: {...}, "_needle": {...},
+"_meta": {...}}. "agreement" is the share of scored positions whose greedy (argmax) token equals
+the bf16 cache's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax.numpy as jnp  # noqa: E402
+
+from gemma.checkpoint import load  # noqa: E402
+from gemma.decode import generate  # noqa: E402
+from gemma.evaluate import evaluate_many  # noqa: E402
+from gemma.formats.common import log  # noqa: E402
+from gemma.kv_quant import CHOICES, KV_QUANTS, bits_per_channel  # noqa: E402
+from gemma.quant.footprint import kv_cache_bytes  # noqa: E402
+from gemma.tokenizer import load_tokenizer  # noqa: E402
+
+DEFAULT_WIDTHS = ("tq2", "tq2.5", "tq3", "tq3.5", "tq4", "tq3.5-mse", "tq4-mse")
+NEEDLE = " The secret code of the white rabbit is 7 4 1 9. Remember it."
+QUESTION = "\n\nQuestion: what is the secret code of the white rabbit?\nAnswer: The secret code " \
+           "of the white rabbit is"
+
+
+def _default_checkpoint() -> str:
+  out = subprocess.run([sys.executable, str(ROOT / "scripts" / "gemma3_270m_path.py")],
+                       capture_output=True, text=True, check=True)
+  return out.stdout.strip()
+
+
+def needle_prompt(tokenizer, text_ids: list[int], tokens: int) -> list[int]:
+  """BOS + haystack (the text's first tokens) with the needle at half depth + the question."""
+  needle = tokenizer.encode(NEEDLE, add_bos=False)
+  question = tokenizer.encode(QUESTION, add_bos=False)
+  hay = tokens - 1 - len(needle) - len(question)
+  if hay < 16 or hay > len(text_ids):
+    raise ValueError(f"--needle-tokens {tokens} does not fit the needle, question and text")
+  half = hay // 2
+  return [tokenizer.bos_id, *text_ids[:half], *needle, *text_ids[half:hay], *question]
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--checkpoint", default=None, help="default: the real Gemma 3 270M GGUF")
+  ap.add_argument("--text", default=str(ROOT / "data" / "alice_in_wonderland.txt"))
+  ap.add_argument("--widths", nargs="+", default=list(DEFAULT_WIDTHS), choices=list(CHOICES))
+  ap.add_argument("--context", type=int, default=1024)
+  ap.add_argument("--max-tokens", type=int, default=0, help="0: the whole text")
+  ap.add_argument("--needle-tokens", type=int, default=4096, help="0: no needle test")
+  ap.add_argument("--answer-tokens", type=int, default=8)
+  args = ap.parse_args(argv)
+
+  checkpoint = args.checkpoint or _default_checkpoint()
+  tokenizer = load_tokenizer(checkpoint)
+  all_ids = tokenizer.encode(Path(args.text).read_text(encoding="utf-8"), add_bos=False)
+  ids = all_ids[:args.max_tokens] if args.max_tokens else all_ids
+  cfg, params = load(checkpoint, jnp.float32)
+  head_dim = max(ls.head_dim for ls in cfg.layers)
+  out = {}
+  if args.context:
+    results = evaluate_many({w: params for w in args.widths}, cfg, ids, args.context,
+                            reference=params, bos_id=tokenizer.bos_id,
+                            kv_quants={w: w for w in args.widths}, reference_kv_quant="bf16")
+    ref_ppl = next(iter(results.values())).reference_perplexity
+    for w, r in results.items():
+      out[w] = dict(perplexity=r.perplexity, delta_pct=100 * (r.perplexity / ref_ppl - 1),
+                    mean_kl=r.mean_kl, agreement=r.top1_agreement,
+                    bits_per_channel=bits_per_channel(KV_QUANTS[w], head_dim),
+                    bytes_per_token=kv_cache_bytes(cfg, args.context, kv_quant=w) / args.context,
+                    reference_perplexity=ref_ppl, seconds=r.seconds)
+    out["bf16"] = dict(perplexity=ref_ppl, delta_pct=0.0, mean_kl=0.0, agreement=1.0,
+                       bits_per_channel=16.0, reference_perplexity=ref_ppl,
+                       bytes_per_token=kv_cache_bytes(cfg, args.context, kv_quant="bf16")
+                       / args.context)
+  needle = {}
+  if args.needle_tokens:
+    prompt = needle_prompt(tokenizer, all_ids, args.needle_tokens)
+    for w in ("bf16", *args.widths):
+      t0 = time.perf_counter()
+      g = generate(params, cfg, [prompt], args.answer_tokens, kv_quant=w, eos_ids=[])
+      answer = tokenizer.decode(g.tokens[0])
+      needle[w] = dict(answer=answer, tokens=g.tokens[0], found="7 4 1 9" in answer,
+                       kv_cache_bytes=g.kv_cache_bytes, seconds=time.perf_counter() - t0)
+      log(f"needle {w}: {answer!r} ({needle[w]['seconds']:.1f} s)")
+    for w in needle:
+      needle[w]["same_as_bf16"] = needle[w]["tokens"] == needle["bf16"]["tokens"]
+
+  print(f"{cfg.name}, {len(ids)} tokens of {Path(args.text).name}, context {args.context}; "
+        f"needle at {args.needle_tokens} tokens\n")
+  print("| KV cache | bits/channel | bytes/token | perplexity | Δ ppl | mean KL | greedy "
+        "agreement | needle answer | same as bf16 |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for w in ("bf16", *args.widths):
+    r, n = out.get(w), needle.get(w, {})
+    cells = ["-"] * 6 if r is None else [
+        f"{r['bits_per_channel']:.3f}", f"{r['bytes_per_token']:,.0f}", f"{r['perplexity']:.4f}",
+        f"{r['delta_pct']:+.2f}%", f"{r['mean_kl']:.5f}", f"{r['agreement']:.4f}"]
+    cells += [repr(n.get("answer", "-")), str(n.get("same_as_bf16", "-"))]
+    print(f"| {w} | " + " | ".join(cells) + " |")
+  out["_needle"] = needle
+  out["_meta"] = dict(model=cfg.name, tokens=len(ids), context=args.context,
+                      needle_tokens=args.needle_tokens, text=Path(args.text).name,
+                      machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
+                      date=time.strftime("%Y-%m-%d"))
+  print(json.dumps(out))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
