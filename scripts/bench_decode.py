@@ -1,8 +1,8 @@
 """Decode speed of a random-weight model (speed does not depend on values) against the physical
 bound: bytes read per decode step / read bandwidth measured in the same run.
 
-  python scripts/bench_decode.py --preset gemma4-e4b --quant tq4 [--batch 1] [--context 1024]
-      [--new-tokens 32] [--dtype bfloat16] [--layers N --embed-dim D] [--json]
+  python scripts/bench_decode.py --preset gemma4-e4b --quant tq4 [--kv-quant tq3.5] [--batch 1]
+      [--context 1024] [--new-tokens 32] [--dtype bfloat16] [--layers N --embed-dim D] [--json]
 
 Weights are drawn directly in their stored form (random packed codes and scales for quantized
 classes, N(0, 0.02²) floats elsewhere), so a 31B model under tq4 never exists in bf16. --layers
@@ -11,7 +11,8 @@ kept, so the tied LM head stays realistic. The prompt is `context` tokens; the c
 context + new tokens.
 
 Bytes per step: every weight a step reads (PLE tables: one row per token; MoE: the active
-experts' share) plus the KV cache read at `context` (sliding layers: their window). With --json
+experts' share) plus the KV cache read at `context` (sliding layers: their window; --kv-quant:
+the stored TurboQuant codes, signs and norms, `gemma.quant.footprint.kv_cache_bytes`). With --json
 the last line is one JSON object with decode_ms_per_token, tokens_per_s, bytes_per_token,
 bound_tokens_per_s, read_bandwidth_gb_s, pct_of_bound and the settings.
 """
@@ -36,6 +37,7 @@ import numpy as np  # noqa: E402
 from gemma import config as C  # noqa: E402
 from gemma import params as P  # noqa: E402
 from gemma.decode import generate  # noqa: E402
+from gemma.kv_quant import CHOICES as KV_CHOICES  # noqa: E402
 from gemma.quant.footprint import kv_cache_bytes, quantized_abstract, size_report  # noqa: E402
 from gemma.quant.qarray import QArray  # noqa: E402
 from gemma.quant.recipes import RECIPES, get_recipe  # noqa: E402
@@ -101,7 +103,8 @@ def random_params(cfg: C.ModelConfig, recipe, dtype, seed: int = 0):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def bytes_per_step(cfg: C.ModelConfig, tree, batch: int, context: int, kv_itemsize: int) -> int:
+def bytes_per_step(cfg: C.ModelConfig, tree, batch: int, context: int, kv_itemsize: int,
+                   kv_quant: str | None = None) -> int:
   """Weights one decode step reads (PLE rows and active experts only) plus the KV cache."""
   report = size_report(tree)["classes"]
   total = sum(v["bytes"] for v in report.values())
@@ -110,7 +113,7 @@ def bytes_per_step(cfg: C.ModelConfig, tree, batch: int, context: int, kv_itemsi
   experts = report.get("experts", {"bytes": 0})["bytes"]
   inactive = experts * (cfg.num_experts - cfg.top_k_experts) / max(cfg.num_experts, 1)
   weights = total - ple["bytes"] + batch * per_row - inactive
-  return int(weights + kv_cache_bytes(cfg, context, batch, kv_itemsize))
+  return int(weights + kv_cache_bytes(cfg, context, batch, kv_itemsize, kv_quant))
 
 
 def main(argv=None) -> int:
@@ -118,6 +121,8 @@ def main(argv=None) -> int:
   ap.add_argument("--preset", required=True, choices=list(C.PRESETS))
   ap.add_argument("--quant", default="bf16", choices=list(RECIPES),
                   help="weight recipe (bf16: no quantization)")
+  ap.add_argument("--kv-quant", default=None, choices=list(KV_CHOICES),
+                  help="KV cache storage (default: the activation dtype)")
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--context", type=int, default=1024, help="prompt tokens before decoding")
   ap.add_argument("--new-tokens", type=int, default=32)
@@ -134,17 +139,19 @@ def main(argv=None) -> int:
   cfg = shrink(C.get_preset(args.preset), args.layers, args.embed_dim)
   recipe = get_recipe(args.quant)
   print(f"model {cfg.name}: {P.count(P.abstract(cfg)) / 1e9:.2f}B params, {args.quant}, "
+        f"kv {args.kv_quant or dtype.name}, "
         f"{dtype.name}, backend {jax.default_backend()}", file=sys.stderr, flush=True)
   params = random_params(cfg, recipe, dtype)
   rng = np.random.default_rng(1)
   prompts = [list(rng.integers(3, cfg.vocab_size, args.context)) for _ in range(args.batch)]
-  out = generate(params, cfg, prompts, args.new_tokens, eos_ids=())
-  per_step = bytes_per_step(cfg, params, args.batch, args.context, dtype.itemsize)
+  out = generate(params, cfg, prompts, args.new_tokens, eos_ids=(), kv_quant=args.kv_quant)
+  per_step = bytes_per_step(cfg, params, args.batch, args.context, dtype.itemsize, args.kv_quant)
   bw = read_bandwidth()
   ms = 1e3 / out.decode_tokens_per_s if out.decode_tokens_per_s else math.inf
   bound = bw / per_step
   result = dict(
       preset=args.preset, model=cfg.name, quant=args.quant, dtype=dtype.name, batch=args.batch,
+      kv_quant=args.kv_quant or "none", kv_cache_bytes=out.kv_cache_bytes,
       context=args.context, decode_ms_per_token=ms,
       tokens_per_s=args.batch * out.decode_tokens_per_s, steps=out.decode_steps,
       compile_s=out.compile_s, prefill_tokens_per_s=out.prefill_tokens_per_s,

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One command for a GPU machine (jax preinstalled, no network), within 8 minutes:
-#   1. the kernel tests compiled for the GPU (interpret=False) on fresh random inputs,
+#   1. the kernel tests compiled for the GPU (interpret=False) on fresh random inputs: quantized
+#      matmuls and the TurboQuant KV decode-attention kernels,
 #   2. bench_kernels.py --check compiled on the GPU,
 #   3. the kernel benchmark tables (Gemma 4 31B / E4B layer shapes, 4 and 2 bits),
-#   4. decode speed (random weights): gemma4-e4b at bf16 and tq4, gemma4-31b at tq4.
+#   4. decode speed (random weights): gemma4-e4b at bf16 and tq4, gemma4-31b at tq4, and
+#      gemma4-e4b tq4 at 8K context with a bf16 and a tq3.5 KV cache.
 # Everything goes to stdout and, when $OUT is set, to $OUT/gpu_check.txt (+ JSON files).
 # Usage (repository root): bash scripts/gpu_check.sh      [PYTHON=python3]
 set -uo pipefail
@@ -27,12 +29,15 @@ step() {  # step SECONDS NAME CMD...: runs CMD with a time limit, tees its outpu
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "${LOG:-/dev/null}"
 step 120 "kernel tests (compiled)" "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
   -k "not lower_for_cuda and not model_logits and not bench_"
+step 60 "KV attention kernel tests (compiled)" "$PY" -m pytest -q -x -p no:cacheprovider \
+  tests/test_tq_attention.py -k "not lower_for_cuda"
 step 45 "bench_kernels --check (compiled)" "$PY" scripts/bench_kernels.py --check --device gpu
-step 150 "kernel benchmark" "$PY" scripts/bench_kernels.py --device gpu --bits 4 2 --json
-for run in "gemma4-e4b bf16" "gemma4-e4b tq4" "gemma4-31b tq4"; do
+step 120 "kernel benchmark" "$PY" scripts/bench_kernels.py --device gpu --bits 4 2 --json
+for run in "gemma4-e4b bf16 1024 bf16" "gemma4-e4b tq4 1024 bf16" "gemma4-31b tq4 1024 bf16" \
+           "gemma4-e4b tq4 8192 bf16" "gemma4-e4b tq4 8192 tq3.5"; do
   set -- $run
-  step 50 "decode $1 $2" "$PY" scripts/bench_decode.py --preset "$1" --quant "$2" \
-    --context 1024 --new-tokens 32 --json
+  step 40 "decode $1 $2 context $3 kv $4" "$PY" scripts/bench_decode.py --preset "$1" \
+    --quant "$2" --context "$3" --kv-quant "$4" --new-tokens 32 --json
 done
 echo "=== done, status $status" | tee -a "${LOG:-/dev/null}"
 exit $status
