@@ -161,3 +161,22 @@ def evaluate(params: Params, cfg: ModelConfig, ids: list[int], context: int,
   """
   return evaluate_many({"": params}, cfg, ids, context, reference, bos_id, show_progress,
                        kv_quants={"": kv_quant})[""]
+
+
+NEEDLE_ANSWER = "7 4 1 9"
+NEEDLE = f" The secret code of the white rabbit is {NEEDLE_ANSWER}. Remember it."
+NEEDLE_QUESTION = ("\n\nQuestion: what is the secret code of the white rabbit?\nAnswer: The "
+                   "secret code of the white rabbit is")
+
+
+def needle_prompt(tokenizer, text_ids: list[int], tokens: int) -> list[int]:
+  """A needle-in-a-haystack prompt of exactly `tokens` ids: BOS, the text's first tokens with
+  NEEDLE at half depth, then NEEDLE_QUESTION (a greedy answer should start with NEEDLE_ANSWER)."""
+  needle = tokenizer.encode(NEEDLE, add_bos=False)
+  question = tokenizer.encode(NEEDLE_QUESTION, add_bos=False)
+  hay = tokens - 1 - len(needle) - len(question)
+  if hay < 16 or hay > len(text_ids):
+    raise ValueError(f"a needle prompt of {tokens} tokens does not fit the needle, the question "
+                     f"and the {len(text_ids)}-token text")
+  half = hay // 2
+  return [tokenizer.bos_id, *text_ids[:half], *needle, *text_ids[half:hay], *question]

@@ -93,9 +93,14 @@ KV_QUANTS = {
     "tq3.5": KVQuant("tq3.5", (4, 3), (4, 3)),
     "tq4": KVQuant("tq4", (4,), (4,)),
 }
-# Ablation: keys with TurboQuant_mse at the same widths (biased scores, lower variance).
+# Ablations: keys with TurboQuant_mse at the same widths (biased scores, lower variance), and the
+# paper's scheme as written (no centering, no query scaling, Gaussian QJL rows).
+_BASE = dict(KV_QUANTS)
 KV_QUANTS.update({f"{k}-mse": dataclasses.replace(v, name=f"{k}-mse", key_method="mse")
-                  for k, v in list(KV_QUANTS.items())})
+                  for k, v in _BASE.items()})
+KV_QUANTS.update({f"{k}-paper": dataclasses.replace(v, name=f"{k}-paper", center=False,
+                                                    query_scaling=False, qjl_rows="gaussian")
+                  for k, v in _BASE.items()})
 FLOAT_CACHES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
 CHOICES = (*FLOAT_CACHES, *KV_QUANTS)  # the values of --kv-quant
 

@@ -32,33 +32,17 @@ import jax.numpy as jnp  # noqa: E402
 
 from gemma.checkpoint import load  # noqa: E402
 from gemma.decode import generate  # noqa: E402
-from gemma.evaluate import evaluate_many  # noqa: E402
+from gemma.evaluate import NEEDLE_ANSWER, evaluate_many, needle_prompt  # noqa: E402
 from gemma.formats.common import log  # noqa: E402
 from gemma.kv_quant import CHOICES, KV_QUANTS, bits_per_channel  # noqa: E402
 from gemma.quant.footprint import kv_cache_bytes  # noqa: E402
 from gemma.tokenizer import load_tokenizer  # noqa: E402
 
 DEFAULT_WIDTHS = ("tq2", "tq2.5", "tq3", "tq3.5", "tq4", "tq3.5-mse", "tq4-mse")
-NEEDLE = " The secret code of the white rabbit is 7 4 1 9. Remember it."
-QUESTION = "\n\nQuestion: what is the secret code of the white rabbit?\nAnswer: The secret code " \
-           "of the white rabbit is"
-
-
 def _default_checkpoint() -> str:
   out = subprocess.run([sys.executable, str(ROOT / "scripts" / "gemma3_270m_path.py")],
                        capture_output=True, text=True, check=True)
   return out.stdout.strip()
-
-
-def needle_prompt(tokenizer, text_ids: list[int], tokens: int) -> list[int]:
-  """BOS + haystack (the text's first tokens) with the needle at half depth + the question."""
-  needle = tokenizer.encode(NEEDLE, add_bos=False)
-  question = tokenizer.encode(QUESTION, add_bos=False)
-  hay = tokens - 1 - len(needle) - len(question)
-  if hay < 16 or hay > len(text_ids):
-    raise ValueError(f"--needle-tokens {tokens} does not fit the needle, question and text")
-  half = hay // 2
-  return [tokenizer.bos_id, *text_ids[:half], *needle, *text_ids[half:hay], *question]
 
 
 def main(argv=None) -> int:
@@ -101,7 +85,7 @@ def main(argv=None) -> int:
       t0 = time.perf_counter()
       g = generate(params, cfg, [prompt], args.answer_tokens, kv_quant=w, eos_ids=[])
       answer = tokenizer.decode(g.tokens[0])
-      needle[w] = dict(answer=answer, tokens=g.tokens[0], found="7 4 1 9" in answer,
+      needle[w] = dict(answer=answer, tokens=g.tokens[0], found=NEEDLE_ANSWER in answer,
                        kv_cache_bytes=g.kv_cache_bytes, seconds=time.perf_counter() - t0)
       log(f"needle {w}: {answer!r} ({needle[w]['seconds']:.1f} s)")
     for w in needle:

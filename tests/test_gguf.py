@@ -471,3 +471,21 @@ def test_quantized_gguf_checkpoint_keeps_its_tokenizer(gguf_path, tokenizer, tmp
                    "--out", str(out)]) == 0
   text = "The capital of France is Paris.\n  Two  spaces, and <b>tags</b>."
   assert load_tokenizer(out).encode(text) == tokenizer.encode(text)
+
+
+@pytest.mark.slow
+def test_needle_in_a_haystack_with_a_turboquant_cache(model, tokenizer):
+  """2K-token haystack (data/alice_in_wonderland.txt) with a code at half depth: the greedy
+  answer with TurboQuant caches equals the bf16 cache's, and finds the code."""
+  from gemma.decode import generate
+  from gemma.evaluate import NEEDLE_ANSWER, needle_prompt
+
+  cfg, params = model
+  text = (Path(__file__).resolve().parent.parent / "data" / "alice_in_wonderland.txt").read_text()
+  prompt = needle_prompt(tokenizer, tokenizer.encode(text, add_bos=False), 2048)
+  answers = {}
+  for kind in ("bf16", "tq4", "tq3.5"):
+    g = generate(params, cfg, [prompt], 8, kv_quant=kind, eos_ids=[])
+    answers[kind] = g.tokens[0]
+  assert NEEDLE_ANSWER in tokenizer.decode(answers["bf16"])
+  assert answers["tq4"] == answers["bf16"] and answers["tq3.5"] == answers["bf16"]

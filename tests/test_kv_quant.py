@@ -148,6 +148,19 @@ def test_decode_through_the_kernels_matches_xla():
   assert np.max(np.abs(np.asarray(out["interpret"] - out["xla"]))) < 1e-4 * scale
 
 
+def test_evaluate_through_a_cache():
+  """eval with a float32 cache == eval without one; a TurboQuant cache moves the logits."""
+  from gemma.evaluate import evaluate
+
+  cfg, p = _cfg(), _params()
+  ids = list(np.random.default_rng(4).integers(3, cfg.vocab_size, 40))
+  plain = evaluate(p, cfg, ids, 16, reference=p, show_progress=False)
+  f32 = evaluate(p, cfg, ids, 16, reference=p, show_progress=False, kv_quant="f32")
+  tq = evaluate(p, cfg, ids, 16, reference=p, show_progress=False, kv_quant="tq4")
+  assert f32.perplexity == pytest.approx(plain.perplexity, rel=1e-5) and f32.mean_kl < 1e-6
+  assert tq.mean_kl > 1e-4 and np.isfinite(tq.perplexity)
+
+
 def _allocated(tree) -> int:
   return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
