@@ -93,6 +93,7 @@ KV_QUANTS = {
     "tq3.5": KVQuant("tq3.5", (4, 3), (4, 3)),
     "tq4": KVQuant("tq4", (4,), (4,)),
 }
+WIDTHS = tuple(KV_QUANTS)  # the widths; the ablations below add suffixes
 # Ablations: keys with TurboQuant_mse at the same widths (biased scores, lower variance), and the
 # paper's scheme as written (no centering, no query scaling, Gaussian QJL rows).
 _BASE = dict(KV_QUANTS)

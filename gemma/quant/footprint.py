@@ -133,7 +133,7 @@ def kv_cache_bytes(cfg: C.ModelConfig, context: int, batch: int = 1, itemsize: i
 
 
 def kv_table(presets=("gemma4-31b", "gemma4-e4b"), contexts=(8192, 131_072),
-             kinds=("bf16", *kvq.KV_QUANTS)) -> str:
+             kinds=("bf16", *kvq.WIDTHS)) -> str:
   """A text table: KV cache GiB and bytes per token (batch 1) at each context, from shapes."""
   lines = [f"{'preset':<14}{'kv':<8}{'bits/ch':>8}" + "".join(
       f"{'GiB@' + str(c):>12}{'B/tok@' + str(c):>14}" for c in contexts)]
