@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,12 +36,9 @@ from gemma.formats.common import log  # noqa: E402
 from gemma.kv_quant import CHOICES, KV_QUANTS, bits_per_channel  # noqa: E402
 from gemma.quant.footprint import kv_cache_bytes  # noqa: E402
 from gemma.tokenizer import load_tokenizer  # noqa: E402
+from scripts.quant_quality import default_checkpoint  # noqa: E402
 
 DEFAULT_WIDTHS = ("tq2", "tq2.5", "tq3", "tq3.5", "tq4", "tq3.5-mse", "tq4-mse")
-def _default_checkpoint() -> str:
-  out = subprocess.run([sys.executable, str(ROOT / "scripts" / "gemma3_270m_path.py")],
-                       capture_output=True, text=True, check=True)
-  return out.stdout.strip()
 
 
 def main(argv=None) -> int:
@@ -56,7 +52,7 @@ def main(argv=None) -> int:
   ap.add_argument("--answer-tokens", type=int, default=8)
   args = ap.parse_args(argv)
 
-  checkpoint = args.checkpoint or _default_checkpoint()
+  checkpoint = args.checkpoint or default_checkpoint()
   tokenizer = load_tokenizer(checkpoint)
   all_ids = tokenizer.encode(Path(args.text).read_text(encoding="utf-8"), add_bos=False)
   ids = all_ids[:args.max_tokens] if args.max_tokens else all_ids

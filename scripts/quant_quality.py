@@ -39,7 +39,7 @@ from gemma.tokenizer import load_tokenizer  # noqa: E402
 DEFAULT_RECIPES = ("tq4", "tq3", "tq2", "int8", "int4", "nf4")
 
 
-def _default_checkpoint() -> str:
+def default_checkpoint() -> str:
   out = subprocess.run([sys.executable, str(ROOT / "scripts" / "gemma3_270m_path.py")],
                        capture_output=True, text=True, check=True)
   return out.stdout.strip()
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   args = ap.parse_args(argv)
 
-  checkpoint = args.checkpoint or _default_checkpoint()
+  checkpoint = args.checkpoint or default_checkpoint()
   tokenizer = load_tokenizer(checkpoint)
   ids = tokenizer.encode(Path(args.text).read_text(encoding="utf-8"), add_bos=False)
   ids = ids[:args.max_tokens] if args.max_tokens else ids
