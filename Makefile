@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	@py=$$(scripts/find_python.sh) || exit 1; \
 	  [ -x $(PY) ] || $$py -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,real]"
+	$(PY) -m pip install -q -e ".[test,real,plots]"
 	@touch $(STAMP)
 
 test: venv
@@ -31,7 +31,7 @@ demo-fixture: venv
 	  --max-new-tokens 16
 
 lint: venv
-	$(VENV)/bin/ruff check gemma pallas_kernels scripts tests
+	$(VENV)/bin/ruff check gemma pallas_kernels scripts tests configs
 
 clean:
 	rm -rf $(VENV)

@@ -9,10 +9,13 @@
   gemma4 chat     --checkpoint PATH [--system TEXT] [--thinking] [--max-new-tokens N] [sampling]
                   [--quant RECIPE] [--kv-quant KV]
   gemma4 eval     --checkpoint PATH --text FILE [--quant RECIPE] [--kv-quant KV] [--context 1024]
-                  [--max-tokens N] [--json]
+                  [--stride N] [--max-tokens N] [--json]
   gemma4 info     --checkpoint PATH
   gemma4 convert  --checkpoint IN --out DIR [--dtype bfloat16]
   gemma4 quantize --checkpoint IN --recipe RECIPE --out DIR [--dtype bfloat16]
+  gemma4 finetune [--config FILE.py] [--checkpoint PATH] [--data FILE.jsonl] [--mode lora|full]
+                  [--quant RECIPE] [--steps N] [--seed S] [--out DIR] ...   (gemma/cli_train.py)
+  gemma4 merge-lora --checkpoint BASE --adapters RUN_DIR --out DIR [--dtype bfloat16]
 
 RECIPE: tq4, tq3, tq2, tq-mixed (TurboQuant), int8, int4 (g128), nf4, bf16 (gemma.quant.recipes).
 KV: bf16, f32, or a TurboQuant KV cache tq2, tq2.5, tq3, tq3.5, tq4 (gemma.kv_quant).
@@ -120,6 +123,11 @@ def _parser() -> argparse.ArgumentParser:
   ev.add_argument("--text", required=True, help="UTF-8 text file to score")
   ev.add_argument("--context", type=int, default=1024,
                   help="window length in tokens, BOS included (default 1024)")
+  ev.add_argument("--stride", type=int, default=None,
+                  help="strided (sliding-window) perplexity: a window starts every N text "
+                  "tokens and scores only its last N, so each token is scored once with >= "
+                  "context-1-N tokens of history; 1 <= N <= context-1 (default context-1: "
+                  "non-overlapping windows)")
   ev.add_argument("--max-tokens", type=int, default=0,
                   help="score only the first N tokens of the text (0: all)")
   ev.add_argument("--json", action="store_true", help="last stdout line is a JSON object")
@@ -130,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
   qz.add_argument("--recipe", choices=list(RECIPES), required=True)
   qz.add_argument("--out", required=True, help="output directory (loads like any checkpoint)")
   qz.add_argument("--force", action="store_true", help="overwrite an existing --out")
+  from gemma.cli_train import add_parsers
+
+  add_parsers(sub, PRESETS, RECIPES)
   return ap
 
 
@@ -330,11 +341,12 @@ def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   from gemma.checkpoint import CheckpointError
   from gemma.cli_quant import cmd_eval, cmd_quantize
+  from gemma.cli_train import cmd_finetune, cmd_merge_lora
 
   try:
     commands = {"generate": cmd_generate, "logits": cmd_logits, "chat": cmd_chat,
                 "info": cmd_info, "convert": cmd_convert, "quantize": cmd_quantize,
-                "eval": cmd_eval}
+                "eval": cmd_eval, "finetune": cmd_finetune, "merge-lora": cmd_merge_lora}
     return commands[args.command](args)
   except (CheckpointError, ValueError, FileNotFoundError) as e:
     print(f"gemma4: error: {e}", file=sys.stderr)

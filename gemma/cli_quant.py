@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from gemma.checkpoint import load
 from gemma.cli import _load, _tokenizer
-from gemma.evaluate import evaluate
+from gemma.evaluate import check_stride, evaluate
 from gemma.formats.converted import copy_tokenizer, save_converted
 from gemma.quant import QArray, quantize_params
 from gemma.quant.footprint import size_report
@@ -48,6 +48,7 @@ def cmd_quantize(args) -> int:
 def cmd_eval(args) -> int:
   """`gemma4 eval`: perplexity, and KL / top-1 agreement against the unquantized model (weights
   without --quant, KV cache without --kv-quant)."""
+  stride = check_stride(args.context, args.stride)  # before loading anything
   text = Path(args.text).read_text(encoding="utf-8")
   if args.max_tokens < 0:
     raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
@@ -65,13 +66,15 @@ def cmd_eval(args) -> int:
   if args.kv_quant and reference is None:  # compare against the same weights, plain cache
     reference = params
   result = evaluate(params, cfg, ids, args.context, reference=reference,
-                    bos_id=getattr(tokenizer, "bos_id", None), kv_quant=args.kv_quant)
+                    bos_id=getattr(tokenizer, "bos_id", None), kv_quant=args.kv_quant,
+                    stride=stride)
   size = size_report(params)
   bits = size["quantized_bits_per_weight"] or size["bits_per_weight"]
   out = dict(perplexity=result.perplexity, mean_kl=result.mean_kl,
              top1_agreement=result.top1_agreement, bits_per_weight=bits,
              reference_perplexity=result.reference_perplexity, tokens=result.tokens,
-             windows=result.windows, context=args.context, recipe=args.quant or "none",
+             windows=result.windows, context=args.context, stride=stride,
+             recipe=args.quant or "none",
              kv_quant=args.kv_quant or "none",
              model=cfg.name, bytes=size["total_bytes"], seconds=result.seconds)
   print(f"{cfg.name} [{out['recipe']}, kv {out['kv_quant']}] on {result.tokens} tokens: perplexity "

@@ -1,8 +1,13 @@
 """Perplexity of a text, and how closely a (quantized) model follows a reference model.
 
-The token stream is cut into windows of `context` tokens, each starting with BOS and scoring its
-other `context - 1` tokens, so every text token is predicted exactly once, from at most
-`context - 1` tokens of history. Per predicted token we accumulate
+The token stream is cut into windows of `context` tokens (BOS + `context - 1` text tokens) that
+start every `stride` text tokens (HF-style strided / sliding-window perplexity). The first window
+scores all of its text tokens; every later one scores only its last `stride` (the tokens the
+previous window did not reach), so every text token is predicted exactly once, from at least
+`context - 1 - stride` (first window: fewer) and at most `context - 1` tokens of history. The
+default stride `context - 1` gives non-overlapping windows: one forward per `context - 1` tokens
+and the least history; a smaller stride costs about `(context - 1) / stride` times the compute
+for more history per token. Per predicted token we accumulate
 
   nll    -log q(target)                          (perplexity = exp(mean nll))
   kl     KL(p_ref || q) = Σ_v p_ref(v) (log p_ref(v) - log q(v))
@@ -43,26 +48,54 @@ class EvalResult:
   seconds: float
 
 
-def make_windows(ids: list[int], context: int, bos_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """Cuts a token stream into BOS-led windows.
+def check_stride(context: int, stride: int | None) -> int:
+  """The effective stride (None: `context - 1`, non-overlapping windows); ValueError if bad."""
+  if context < 2:
+    raise ValueError(f"context must be >= 2 (BOS + one scored token), got {context}")
+  if stride is None:
+    return context - 1
+  if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)):
+    raise ValueError(f"stride must be an integer, got {stride!r}")
+  if not 1 <= stride <= context - 1:
+    raise ValueError(f"stride must be in [1, context - 1] = [1, {context - 1}] text tokens "
+                     f"between window starts, got {stride}")
+  return int(stride)
+
+
+def make_windows(ids: list[int], context: int, bos_id: int,
+                 stride: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Cuts a token stream into BOS-led windows of `context` tokens starting every `stride` text
+  tokens (None: `context - 1`, non-overlapping). `scored_mask` says which tokens each scores.
 
   Returns:
     tokens [W, context] int32 (the last window zero-padded) and
     positions [W, context] int32 (-1 on padding).
   """
-  if context < 2:
-    raise ValueError(f"context must be >= 2 (BOS + one scored token), got {context}")
+  stride = check_stride(context, stride)
   if not ids:
     raise ValueError("the text has no tokens")
-  step = context - 1
-  count = -(-len(ids) // step)
+  span = context - 1  # text tokens per window
+  count = 1 + max(0, -(-(len(ids) - span) // stride))
   tokens = np.zeros((count, context), np.int32)
   positions = np.full((count, context), -1, np.int32)
   for w in range(count):
-    chunk = ids[w * step:(w + 1) * step]
+    chunk = ids[w * stride:w * stride + span]
     tokens[w, 0], tokens[w, 1:1 + len(chunk)] = bos_id, chunk
     positions[w, :1 + len(chunk)] = np.arange(1 + len(chunk))
   return tokens, positions
+
+
+def scored_mask(positions: np.ndarray, stride: int | None = None) -> np.ndarray:
+  """[W, context] bool: which tokens of `make_windows(..., stride)`'s windows are scored.
+
+  The first window scores all its text tokens, each later one its last `stride` slots (those the
+  previous window did not cover); never BOS or padding. Every text token is scored exactly once.
+  """
+  context = positions.shape[1]
+  stride = check_stride(context, stride)
+  slot = np.arange(context)[None, :]
+  first = np.arange(len(positions))[:, None] == 0
+  return (positions >= 1) & (first | (slot >= context - stride))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kv_quant"))
@@ -82,17 +115,20 @@ def log_probs(params: Params, tokens: jax.Array, positions: jax.Array,
 
 
 @jax.jit
-def window_sums(lq: jax.Array, lp: jax.Array, tokens: jax.Array,
-                positions: jax.Array) -> jax.Array:
+def window_sums(lq: jax.Array, lp: jax.Array, tokens: jax.Array, positions: jax.Array,
+                scored: jax.Array | None = None) -> jax.Array:
   """Sums over the scored tokens of one window.
 
   Args:
     lq, lp: [1, T-1, V] `log_probs` of the evaluated and of the reference model.
     tokens, positions: [1, T] the window (from `make_windows`).
+    scored: [1, T] bool, the tokens to score (from `scored_mask`); None: every non-padding
+      token after the first.
   Returns:
     [5] float32: (count, nll, reference nll, kl, top-1 agreements).
   """
-  mask = (positions[:, 1:] >= 0).astype(jnp.float32)  # [1, T-1]
+  scored = positions[:, 1:] >= 0 if scored is None else scored[:, 1:]
+  mask = scored.astype(jnp.float32)  # [1, T-1]
   targets = tokens[:, 1:, None]
   nll = -jnp.take_along_axis(lq, targets, axis=-1)[..., 0]
   ref_nll = -jnp.take_along_axis(lp, targets, axis=-1)[..., 0]
@@ -104,7 +140,8 @@ def window_sums(lq: jax.Array, lp: jax.Array, tokens: jax.Array,
 def evaluate_many(models: dict[str, Params], cfg: ModelConfig, ids: list[int], context: int,
                   reference: Params | None = None, bos_id: int | None = None,
                   show_progress: bool = True, kv_quants: dict[str, str | None] | None = None,
-                  reference_kv_quant: str | None = None) -> dict[str, EvalResult]:
+                  reference_kv_quant: str | None = None,
+                  stride: int | None = None) -> dict[str, EvalResult]:
   """`evaluate` for several models against one reference, run once per window.
 
   Args:
@@ -115,23 +152,29 @@ def evaluate_many(models: dict[str, Params], cfg: ModelConfig, ids: list[int], c
     reference: the reference model (None: each model is its own reference, KL = 0).
     kv_quants: name -> KV cache kind of that model (`init_cache`'s kv_quant; default none).
     reference_kv_quant: the reference model's KV cache kind.
+    stride: text tokens between window starts, in [1, context - 1] (None: context - 1, i.e.
+      non-overlapping windows); each window after the first scores only its last `stride`.
   """
   kv_quants = kv_quants or {}
+  stride = check_stride(context, stride)
   if context > cfg.max_position_embeddings:
     raise ValueError(f"context {context} exceeds the model's {cfg.max_position_embeddings}")
   bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
   if bad:
     raise ValueError(f"token ids out of range [0, {cfg.vocab_size}): {bad[:10]}")
-  tokens, positions = make_windows(ids, context, cfg.bos_id if bos_id is None else bos_id)
+  tokens, positions = make_windows(ids, context, cfg.bos_id if bos_id is None else bos_id,
+                                   stride)
+  scored = scored_mask(positions, stride)
   sums = {name: np.zeros(5, np.float64) for name in models}
   seconds = dict.fromkeys(models, 0.0)
   for w in range(len(tokens)):
     t, p = jnp.asarray(tokens[w:w + 1]), jnp.asarray(positions[w:w + 1])
+    m = jnp.asarray(scored[w:w + 1])
     lp = None if reference is None else log_probs(reference, t, p, cfg, reference_kv_quant)
     for name, params in models.items():
       t0 = time.perf_counter()
       lq = log_probs(params, t, p, cfg, kv_quants.get(name))
-      sums[name] += np.asarray(window_sums(lq, lq if lp is None else lp, t, p), np.float64)
+      sums[name] += np.asarray(window_sums(lq, lq if lp is None else lp, t, p, m), np.float64)
       seconds[name] += time.perf_counter() - t0
       del lq
     if show_progress:
@@ -147,7 +190,8 @@ def evaluate_many(models: dict[str, Params], cfg: ModelConfig, ids: list[int], c
 
 def evaluate(params: Params, cfg: ModelConfig, ids: list[int], context: int,
              reference: Params | None = None, bos_id: int | None = None,
-             show_progress: bool = True, kv_quant: str | None = None) -> EvalResult:
+             show_progress: bool = True, kv_quant: str | None = None,
+             stride: int | None = None) -> EvalResult:
   """Perplexity of `params` on `ids` and its KL / top-1 agreement against `reference`.
 
   Args:
@@ -158,9 +202,11 @@ def evaluate(params: Params, cfg: ModelConfig, ids: list[int], context: int,
     reference: the reference model (None: `params` itself, so KL = 0 and agreement = 1); it
       always runs with the plain cache.
     kv_quant: KV cache of the evaluated model (`gemma.cache.init_cache`), e.g. "tq3.5".
+    stride: text tokens between window starts, in [1, context - 1] (None: context - 1,
+      non-overlapping windows; smaller: more history per scored token, more compute).
   """
   return evaluate_many({"": params}, cfg, ids, context, reference, bos_id, show_progress,
-                       kv_quants={"": kv_quant})[""]
+                       kv_quants={"": kv_quant}, stride=stride)[""]
 
 
 NEEDLE_ANSWER = "7 4 1 9"

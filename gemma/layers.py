@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from gemma.config import RopeConfig, rope_inv_freq
+from gemma.lora import LoraWeight, delta_einsum
 from gemma.quant.qarray import QArray
 from gemma.quant.qarray import einsum as quantized_einsum
 from gemma.quant.qarray import ragged_dot as quantized_ragged_dot
@@ -21,7 +22,12 @@ def einsum(spec: str, x: jax.Array, w, out_dtype=None) -> jax.Array:
 
   A quantized weight (`gemma.quant.QArray`) runs as (Π x) · (scale ⊙ table[code]): the activation
   is rotated once per input block, the weight is never rotated back (gemma/quant/qarray.py).
+  A `gemma.lora.LoraWeight` adds its low-rank update (x A) B on top of its (float or quantized)
+  base.
   """
+  if isinstance(w, LoraWeight):
+    out = einsum(spec, x, w.base, jnp.float32) + w.scale * delta_einsum(spec, x, w.a, w.b)
+    return out.astype(out_dtype or x.dtype)
   if isinstance(w, QArray):
     return quantized_einsum(spec, x, w, out_dtype=out_dtype)
   out = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)

@@ -88,8 +88,12 @@ class HFTokenizer:
 
 def load_tokenizer(checkpoint: str | Path):
   """The tokenizer of a checkpoint: a GGUF file's metadata, else `tokenizer.model`, else
-  `tokenizer.json` in the checkpoint directory."""
+  `tokenizer.json` in the checkpoint directory (or that file itself)."""
   path = Path(checkpoint)
+  if path.is_file() and path.suffix == ".model":
+    return Tokenizer.from_file(path)
+  if path.is_file() and path.suffix == ".json" and path.name != "config.json":
+    return HFTokenizer(path)
   if path.is_file() and path.suffix == ".gguf":
     from gemma.tokenizer_gguf import tokenizer_from_gguf
 

@@ -6,16 +6,19 @@ tokens. Every scored token attends to the stored (quantized) keys and values of 
 tokens and of itself, exactly as in streaming decode (`gemma.evaluate.log_probs`).
 
   .venv/bin/python scripts/kv_quality.py [--checkpoint PATH] [--text FILE] [--widths ...]
-      [--context 1024] [--max-tokens N] [--needle-tokens 4096]
+      [--context 1024] [--max-tokens N] [--needle-tokens 4096] [--attribution]
 
 Prints a Markdown table, then (last line) one JSON object {width: {...}, "_needle": {...},
 "_meta": {...}}. "agreement" is the share of scored positions whose greedy (argmax) token equals
-the bf16 cache's.
+the bf16 cache's. --attribution adds, per width, "W:keys" (keys at W, values at 8 bits) and
+"W:values" (keys at 8 bits with TurboQuant_mse, values at W): which half of the cache costs the
+perplexity.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -33,12 +36,22 @@ from gemma.checkpoint import load  # noqa: E402
 from gemma.decode import generate  # noqa: E402
 from gemma.evaluate import NEEDLE_ANSWER, evaluate_many, needle_prompt  # noqa: E402
 from gemma.formats.common import log  # noqa: E402
-from gemma.kv_quant import CHOICES, KV_QUANTS, bits_per_channel  # noqa: E402
+from gemma.kv_quant import CHOICES, KVQuant, bits_per_channel, get_kv_quant  # noqa: E402
 from gemma.quant.footprint import kv_cache_bytes  # noqa: E402
 from gemma.tokenizer import load_tokenizer  # noqa: E402
 from scripts.quant_quality import default_checkpoint  # noqa: E402
 
 DEFAULT_WIDTHS = ("tq2", "tq2.5", "tq3", "tq3.5", "tq4", "tq3.5-mse", "tq4-mse")
+HIGH_BITS = 8  # the other half of the cache in an attribution run (near-lossless: +0.05% ppl)
+
+
+def attribution(width: str) -> dict[str, KVQuant]:
+  """Keys-only and values-only variants of a width (the other half at HIGH_BITS)."""
+  spec = get_kv_quant(width)
+  high = (HIGH_BITS,) * spec.parts
+  return {f"{width}:keys": dataclasses.replace(spec, name=f"{width}:keys", value_bits=high),
+          f"{width}:values": dataclasses.replace(spec, name=f"{width}:values", key_bits=high,
+                                                 key_method="mse")}
 
 
 def main(argv=None) -> int:
@@ -50,6 +63,8 @@ def main(argv=None) -> int:
   ap.add_argument("--max-tokens", type=int, default=0, help="0: the whole text")
   ap.add_argument("--needle-tokens", type=int, default=4096, help="0: no needle test")
   ap.add_argument("--answer-tokens", type=int, default=8)
+  ap.add_argument("--attribution", action="store_true",
+                  help="also keys-only / values-only variants of each width")
   args = ap.parse_args(argv)
 
   checkpoint = args.checkpoint or default_checkpoint()
@@ -59,16 +74,21 @@ def main(argv=None) -> int:
   cfg, params = load(checkpoint, jnp.float32)
   head_dim = max(ls.head_dim for ls in cfg.layers)
   out = {}
+  specs = {w: get_kv_quant(w) for w in args.widths}
+  if args.attribution:
+    for w in args.widths:
+      specs.update(attribution(w))
   if args.context:
-    results = evaluate_many({w: params for w in args.widths}, cfg, ids, args.context,
+    results = evaluate_many({w: params for w in specs}, cfg, ids, args.context,
                             reference=params, bos_id=tokenizer.bos_id,
-                            kv_quants={w: w for w in args.widths}, reference_kv_quant="bf16")
+                            kv_quants=specs, reference_kv_quant="bf16")
     ref_ppl = next(iter(results.values())).reference_perplexity
     for w, r in results.items():
       out[w] = dict(perplexity=r.perplexity, delta_pct=100 * (r.perplexity / ref_ppl - 1),
                     mean_kl=r.mean_kl, agreement=r.top1_agreement,
-                    bits_per_channel=bits_per_channel(KV_QUANTS[w], head_dim),
-                    bytes_per_token=kv_cache_bytes(cfg, args.context, kv_quant=w) / args.context,
+                    bits_per_channel=bits_per_channel(specs[w], head_dim),
+                    bytes_per_token=kv_cache_bytes(cfg, args.context, kv_quant=specs[w])
+                    / args.context,
                     reference_perplexity=ref_ppl, seconds=r.seconds)
     out["bf16"] = dict(perplexity=ref_ppl, delta_pct=0.0, mean_kl=0.0, agreement=1.0,
                        bits_per_channel=16.0, reference_perplexity=ref_ppl,
@@ -92,7 +112,7 @@ def main(argv=None) -> int:
   print("| KV cache | bits/channel | bytes/token | perplexity | Δ ppl | mean KL | greedy "
         "agreement | needle answer | same as bf16 |")
   print("|---|---|---|---|---|---|---|---|---|")
-  for w in ("bf16", *args.widths):
+  for w in ("bf16", *specs):
     r, n = out.get(w), needle.get(w, {})
     cells = ["-"] * 6 if r is None else [
         f"{r['bits_per_channel']:.3f}", f"{r['bytes_per_token']:,.0f}", f"{r['perplexity']:.4f}",

@@ -290,18 +290,23 @@ def copy_tokenizer(src_path: str | Path, out_dir: str | Path) -> None:
 
 
 def convert(src_path: str | Path, out_dir: str | Path, dtype, cfg: ModelConfig | None = None,
-            tokenizer_file: str | Path | None = None, force: bool = False) -> Path:
+            tokenizer_file: str | Path | None = None, force: bool = False,
+            transform=None, load_dtype=None) -> Path:
   """Loads any supported checkpoint via `gemma.checkpoint.load` and saves it converted.
 
   Writes the source's tokenizer (`copy_tokenizer`: from GGUF metadata too) and copies
-  generation_config.json; its EOS ids are merged into the saved config.
+  generation_config.json; its EOS ids are merged into the saved config. `transform(params)`
+  edits the params before saving (e.g. folding in LoRA adapters); `load_dtype` (default `dtype`)
+  is the dtype they are loaded and transformed in, before the cast to `dtype`.
   """
   from gemma import checkpoint
 
   src, out = Path(src_path), Path(out_dir)
   t0 = time.perf_counter()
   log(f"loading {src} as {np.dtype(dtype).name}")
-  cfg, params = checkpoint.load(src, dtype, cfg)
+  cfg, params = checkpoint.load(src, load_dtype or dtype, cfg)
+  if transform is not None:
+    params = jax.tree.map(lambda x: x.astype(dtype), transform(params))
   gen = src / "generation_config.json"
   if gen.is_file():
     eos = json.loads(gen.read_text()).get("eos_token_id")

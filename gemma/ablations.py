@@ -1,6 +1,6 @@
 """Named ablations of a model config: each is a `dataclasses.replace` of the preset.
 
-  from configs.ablations import ablate
+  from gemma.ablations import ablate
   cfg = ablate(get_preset("gemma4-e2b"), "no_kv_sharing")
 """
 
