@@ -5,7 +5,7 @@
                   [--dtype float32|bfloat16] [--quant RECIPE] [--kv-quant KV] [--json]
                   [--chat [--system TEXT] [--thinking]]
   gemma4 logits   --checkpoint PATH --prompt-ids 2,17,5 --out FILE.npy [--dtype float32]
-                  [--quant RECIPE]
+                  [--quant RECIPE] [--mesh DxM]
   gemma4 chat     --checkpoint PATH [--system TEXT] [--thinking] [--max-new-tokens N] [sampling]
                   [--quant RECIPE] [--kv-quant KV]
   gemma4 eval     --checkpoint PATH --text FILE [--quant RECIPE] [--kv-quant KV] [--context 1024]
@@ -16,6 +16,8 @@
   gemma4 finetune [--config FILE.py] [--checkpoint PATH] [--data FILE.jsonl] [--mode lora|full]
                   [--quant RECIPE] [--steps N] [--seed S] [--out DIR] ...   (gemma/cli_train.py)
   gemma4 merge-lora --checkpoint BASE --adapters RUN_DIR --out DIR [--dtype bfloat16]
+  gemma4 plan     --preset P [--quant RECIPE] [--kv-quant KV] --mesh DxM --context T [--batch B]
+                  [--device-memory 80] [--json]   (per-device bytes; exit 3 if it does not fit)
 
 RECIPE: tq4, tq3, tq2, tq-mixed (TurboQuant), int8, int4 (g128), nf4, bf16 (gemma.quant.recipes).
 KV: bf16, f32, or a TurboQuant KV cache tq2, tq2.5, tq3, tq3.5, tq4 (gemma.kv_quant).
@@ -138,9 +140,12 @@ def _parser() -> argparse.ArgumentParser:
   qz.add_argument("--recipe", choices=list(RECIPES), required=True)
   qz.add_argument("--out", required=True, help="output directory (loads like any checkpoint)")
   qz.add_argument("--force", action="store_true", help="overwrite an existing --out")
-  from gemma.cli_train import add_parsers
+  from gemma import cli_scale, cli_train
 
-  add_parsers(sub, PRESETS, RECIPES)
+  cli_train.add_parsers(sub, PRESETS, RECIPES)
+  cli_scale.add_parsers(sub, PRESETS, RECIPES, KV_CHOICES)
+  lg.add_argument("--mesh", default=None, help="DxM device mesh: params sharded by "
+                  "gemma.sharding (tensor parallel over model, FSDP over data)")
   return ap
 
 
@@ -329,6 +334,10 @@ def cmd_logits(args) -> int:
   cfg, params = _load(args)
   ids = args.prompt_ids
   _check_ids(ids, cfg)
+  if args.mesh:
+    from gemma import sharding
+
+    params = sharding.shard_params(params, sharding.make_mesh(args.mesh))
   tokens = jnp.asarray([ids], jnp.int32)
   positions = jnp.arange(len(ids), dtype=jnp.int32)[None]
   logits, _ = jax.jit(forward, static_argnames="cfg")(params, tokens, positions, cfg)
@@ -341,12 +350,14 @@ def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   from gemma.checkpoint import CheckpointError
   from gemma.cli_quant import cmd_eval, cmd_quantize
+  from gemma.cli_scale import cmd_plan
   from gemma.cli_train import cmd_finetune, cmd_merge_lora
 
   try:
     commands = {"generate": cmd_generate, "logits": cmd_logits, "chat": cmd_chat,
                 "info": cmd_info, "convert": cmd_convert, "quantize": cmd_quantize,
-                "eval": cmd_eval, "finetune": cmd_finetune, "merge-lora": cmd_merge_lora}
+                "eval": cmd_eval, "finetune": cmd_finetune, "merge-lora": cmd_merge_lora,
+                "plan": cmd_plan}
     return commands[args.command](args)
   except (CheckpointError, ValueError, FileNotFoundError) as e:
     print(f"gemma4: error: {e}", file=sys.stderr)

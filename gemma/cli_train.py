@@ -6,8 +6,8 @@
 
 finetune: the config file's `get_config()` gives a `gemma.finetune.FinetuneConfig`; each flag
 given replaces one field. The last stdout line is JSON: loss_first, loss_last, steps, losses,
-tokens_per_s, trainable_params, resumed_from, out, model, mode. Rerunning with the same --out
-resumes from its latest checkpoint.
+tokens_per_s, compile_s, trainable_params, resumed_from, out, model, mode. Rerunning with the
+same --out resumes from its latest checkpoint.
 """
 
 from __future__ import annotations

@@ -48,8 +48,6 @@ def _finetune_model(ft):
 
 @pytest.mark.parametrize("name", ablations.EXPERIMENTS)
 def test_every_experiment_builds(name):
-  if name in ("no_ple", "no_kv_sharing"):
-    pytest.importorskip("gemma.finetune")
   exp = load_config(CONFIGS / f"{name}.py")
   assert exp.name == name and exp.points
   small = tiny("gemma4-e2b")
@@ -194,7 +192,6 @@ def test_distortion_base_is_the_montecarlo_setting():
 
 @pytest.mark.slow
 def test_ablate_finetune_grid_end_to_end(tmp_path):
-  pytest.importorskip("gemma.finetune")
   out = tmp_path / "no_ple"
   assert ablate.main(["--config", str(CONFIGS / "no_ple.py"), "--out", str(out), "--set",
                       "steps=2", "warmup_steps=1", "batch_size=2"]) == 0

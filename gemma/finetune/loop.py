@@ -267,7 +267,8 @@ def train(cfg: FinetuneConfig, show_progress: bool = True, stop_after: int | Non
 
   stop_after: end after this many total steps (still saving), as if interrupted there.
   Returns a JSON-able dict: loss_first, loss_last, steps, losses (every step, resumed ones
-  included), tokens_per_s, trainable_params, resumed_from, out, model.
+  included), tokens_per_s (input tokens per second of the steps after the first), compile_s (the
+  first step's seconds, compilation included), trainable_params, resumed_from, out, model, mode.
   """
   return fit(cfg, show_progress, stop_after=stop_after)[0]
 
@@ -294,8 +295,7 @@ def fit(cfg: FinetuneConfig, show_progress: bool = True, run: Run | None = None,
     log(f"resuming {cfg.out} at step {resumed_from}")
   step_fn = make_train_step(run)
   end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
-  tokens = 0
-  t0 = time.perf_counter()
+  tokens, timed, compile_s = 0, 0.0, None  # throughput excludes the first (compiling) step
 
   def meta():
     return dict(config=cfg.to_dict(), losses=losses, data_position=int(state["step"]) *
@@ -304,22 +304,27 @@ def fit(cfg: FinetuneConfig, show_progress: bool = True, run: Run | None = None,
   for s in range(int(state["step"]), end):
     batch = data_lib.step_batch(run.examples, cfg.seed, s, cfg.batch_size, cfg.grad_accum,
                                 cfg.seq_len)
-    tokens += int(np.sum(batch["positions"] >= 0))
+    t0 = time.perf_counter()
     state, loss, _ = step_fn(state, run.frozen, {k: jnp.asarray(v) for k, v in batch.items()})
-    loss = float(loss)
+    loss = float(loss)  # waits for the step
+    if compile_s is None:
+      compile_s = time.perf_counter() - t0
+    else:
+      tokens += int(np.sum(batch["positions"] >= 0))
+      timed += time.perf_counter() - t0
     if not math.isfinite(loss):
       raise FloatingPointError(f"loss is {loss} at step {s + 1}; lower lr or check the data")
     losses.append(loss)
     if show_progress:
-      _bar(s + 1, cfg.steps, loss, tokens / (time.perf_counter() - t0))
+      _bar(s + 1, cfg.steps, loss, tokens / max(timed, 1e-9))
     if mgr is not None and cfg.save_every and (s + 1) % cfg.save_every == 0:
       save(mgr, state, meta())
   if mgr is not None and mgr.latest_step() != int(state["step"]):
     save(mgr, state, meta())
-  seconds = time.perf_counter() - t0
   summary = dict(
       loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
-      steps=int(state["step"]), losses=losses, tokens_per_s=tokens / max(seconds, 1e-9),
+      steps=int(state["step"]), losses=losses, tokens_per_s=tokens / max(timed, 1e-9),
+      compile_s=compile_s,
       trainable_params=int(sum(x.size for x in jax.tree.leaves(state["trainable"]))),
       resumed_from=resumed_from, out=cfg.out, model=run.model_cfg.name, mode=cfg.mode)
   return summary, state, run

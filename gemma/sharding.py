@@ -1,0 +1,171 @@
+"""Logical axes of every param and cache leaf, and their placement on a device mesh.
+
+One table (`PARAM_AXES`) names the logical axes of each weight; `RULES` maps logical axes to the
+mesh axes `data` and `model` (and `expert` when the mesh has one):
+
+  vocab, heads, kv_heads, ffn -> model      tensor parallel over heads / FFN / vocabulary
+  expert -> expert (else model)             expert parallel for MoE
+  embed -> data                             FSDP: the remaining weight axis is split over data
+  head_dim, norms, routers' outputs -> replicated
+
+An axis whose size the mesh axis does not divide stays replicated (e.g. 1 KV head on 8 model
+shards), and a mesh axis is used at most once per tensor. Quantized weights (`QArray`) are kept
+whole on every device for now (their codes/scales layout is not yet mapped to rotation blocks).
+KV cache leaves put rows (batch) on `data` and KV heads on `model`.
+
+  mesh = make_mesh("2x4")                     # (data, model) over 8 devices
+  params = shard_params(params, mesh)         # NamedSharding per leaf; forward is unchanged
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gemma.params import path_name
+from gemma.quant.qarray import QArray
+
+# weight-name suffix -> logical axes (math layout, see gemma/notation.py)
+PARAM_AXES: dict[str, tuple[str | None, ...]] = {
+    "embed": ("vocab", "embed"),
+    "attn.q": ("embed", "heads", "head_dim"),
+    "attn.k": ("embed", "kv_heads", "head_dim"),
+    "attn.v": ("embed", "kv_heads", "head_dim"),
+    "attn.o": ("heads", "head_dim", "embed"),
+    "mlp.gate": ("embed", "ffn"),
+    "mlp.up": ("embed", "ffn"),
+    "mlp.down": ("ffn", "embed"),
+    "moe.router": ("embed", None),
+    "moe.gate": ("expert", "embed", "expert_ffn"),
+    "moe.up": ("expert", "embed", "expert_ffn"),
+    "moe.down": ("expert", "expert_ffn", "embed"),
+    "ple.gate": ("embed", None),
+    "ple.proj": (None, "embed"),
+    "ple_embed": ("vocab", None, None),
+    "ple_proj": ("embed", None, None),
+}
+# cache-leaf name -> logical axes (slot-major [B, S, K, ...] and per-row [B, K, H] leaves)
+CACHE_AXES: dict[str, tuple[str | None, ...]] = {
+    "k": ("batch", None, "kv_heads", None), "v": ("batch", None, "kv_heads", None),
+    "codes": ("batch", None, "kv_heads", None), "signs": ("batch", None, "kv_heads", None),
+    "norm": ("batch", None, "kv_heads"), "gamma": ("batch", None, "kv_heads"),
+    "pos": ("batch", None), "next_pos": ("batch",),
+    "k_perm": ("batch", "kv_heads", None), "v_perm": ("batch", "kv_heads", None),
+    "k_mean": ("batch", "kv_heads", None), "v_mean": ("batch", "kv_heads", None),
+    "k_scale": ("batch", "kv_heads", None),
+}
+RULES: dict[str, tuple[str, ...]] = {  # logical axis -> mesh axes to try, in order
+    "vocab": ("model",), "heads": ("model",), "kv_heads": ("model",), "ffn": ("model",),
+    "expert": ("expert", "model"), "expert_ffn": ("model",), "embed": ("data",),
+    "batch": ("data",),
+}
+
+
+def parse_mesh(text: str) -> tuple[int, ...]:
+  """"DxM" (or "DxMxE") -> (D, M[, E]); ValueError naming the problem."""
+  try:
+    sizes = tuple(int(x) for x in text.lower().split("x"))
+  except ValueError:
+    sizes = ()
+  if len(sizes) not in (2, 3) or min(sizes) < 1:
+    raise ValueError(f"--mesh must look like DxM or DxMxE with positive sizes, got {text!r}")
+  return sizes
+
+
+def mesh_axes(sizes: tuple[int, ...]) -> dict[str, int]:
+  return dict(zip(("data", "model", "expert"), sizes, strict=False))
+
+
+def make_mesh(text_or_sizes, devices=None) -> Mesh:
+  """A (data, model[, expert]) mesh over the first prod(sizes) devices."""
+  sizes = parse_mesh(text_or_sizes) if isinstance(text_or_sizes, str) else tuple(text_or_sizes)
+  devices = list(jax.devices() if devices is None else devices)
+  need = math.prod(sizes)
+  if need > len(devices):
+    raise ValueError(f"mesh {'x'.join(map(str, sizes))} needs {need} devices, "
+                     f"{len(devices)} available")
+  grid = np.asarray(devices[:need], dtype=object).reshape(sizes)
+  return Mesh(grid, tuple(mesh_axes(sizes)))
+
+
+def logical_axes(name: str, ndim: int, table=PARAM_AXES) -> tuple[str | None, ...]:
+  """Logical axes of the leaf called `name` ("layers.3.attn.q"); vectors are replicated."""
+  parts = name.split(".")
+  for key in (".".join(parts[-2:]), parts[-1]):
+    axes = table.get(key)
+    if axes is not None and len(axes) == ndim:
+      return axes
+  return (None,) * ndim
+
+
+def partition_spec(axes, shape, sizes: dict[str, int]) -> PartitionSpec:
+  """PartitionSpec of a tensor of `shape` with logical `axes` on a mesh of `sizes`."""
+  used, out = set(), []
+  for axis, dim in zip(axes, shape, strict=True):
+    chosen = None
+    for mesh_axis in RULES.get(axis, ()):
+      n = sizes.get(mesh_axis, 1)
+      if mesh_axis not in used and n > 1 and dim % n == 0:
+        chosen = mesh_axis
+        used.add(mesh_axis)
+        break
+    out.append(chosen)
+  return PartitionSpec(*out)
+
+
+def _is_qarray(x) -> bool:
+  return isinstance(x, QArray)
+
+
+def param_specs(tree, sizes: dict[str, int]):
+  """PartitionSpec per param leaf (a QArray: one replicated spec per child)."""
+
+  def one(path, leaf):
+    if isinstance(leaf, QArray):
+      return jax.tree.map(lambda _: PartitionSpec(), leaf)
+    return partition_spec(logical_axes(path_name(path), len(leaf.shape)), leaf.shape, sizes)
+
+  return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_qarray)
+
+
+def cache_specs(cache, sizes: dict[str, int]):
+  """PartitionSpec per KV cache leaf (rows on data, KV heads on model; rotations replicated)."""
+
+  def one(path, leaf):
+    name = path_name(path)
+    if name.startswith("codec") or name == "length":
+      return PartitionSpec()
+    return partition_spec(logical_axes(name, len(leaf.shape), CACHE_AXES), leaf.shape, sizes)
+
+  return jax.tree_util.tree_map_with_path(one, cache)
+
+
+def shard(tree, specs, mesh: Mesh):
+  """device_put of every leaf with its NamedSharding."""
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                           is_leaf=lambda x: isinstance(x, PartitionSpec))
+  return jax.device_put(tree, shardings)
+
+
+def shard_params(params, mesh: Mesh):
+  return shard(params, param_specs(params, dict(mesh.shape)), mesh)
+
+
+def shard_cache(cache, mesh: Mesh):
+  return shard(cache, cache_specs(cache, dict(mesh.shape)), mesh)
+
+
+def per_device_bytes(tree, specs, sizes: dict[str, int]) -> int:
+  """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs) placed by `specs`."""
+  leaves = jax.tree.leaves(tree)
+  spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+  total = 0
+  for leaf, spec in zip(leaves, spec_leaves, strict=True):
+    count = math.prod(leaf.shape)
+    for axis in spec:
+      count //= sizes.get(axis, 1) if axis else 1
+    total += count * np.dtype(leaf.dtype).itemsize
+  return total

@@ -1,0 +1,108 @@
+"""Sharding over a device mesh: the logical-axis table, placement rules, per-device bytes, and
+sharded logits == single-device logits on 8 host CPU devices (in a subprocess)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from gemma import config as C
+from gemma import params as Params
+from gemma import sharding
+from tests.conftest import FAMILIES
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_31b_placement_on_1x8():
+  cfg = C.get_preset("gemma4-31b")
+  specs = sharding.param_specs(Params.abstract(cfg), {"data": 1, "model": 8})
+  local = next(s for s in cfg.layers if s.attention is C.AttentionType.LOCAL)
+  glob = next(s for s in cfg.layers if s.attention is C.AttentionType.GLOBAL)
+  assert specs.embed == P("model", None)  # vocabulary-parallel embedding / logits
+  assert specs.layers[local.index].attn.q == P(None, "model", None)  # heads
+  assert specs.layers[local.index].attn.o == P("model", None, None)
+  assert specs.layers[local.index].mlp.down == P("model", None)  # FFN
+  # 4 global KV heads do not split 8 ways: replicated, not padded
+  assert glob.num_kv_heads % 8 != 0
+  assert specs.layers[glob.index].attn.k == P(None, None, None)
+  assert specs.final_norm == P(None)
+
+
+def test_fsdp_and_expert_axes():
+  cfg = C.get_preset("gemma4-26b-a4b")
+  specs = sharding.param_specs(Params.abstract(cfg), {"data": 2, "model": 4, "expert": 8})
+  moe = specs.layers[0].moe
+  assert moe.gate == P("expert", "data", "model")  # experts, FSDP over embed, expert FFN
+  assert specs.layers[0].attn.q == P("data", "model", None)
+
+
+def test_per_device_bytes_divide_by_the_mesh():
+  cfg = C.get_preset("gemma4-31b")
+  tree = Params.abstract(cfg, jax.numpy.bfloat16)
+  one = sharding.per_device_bytes(tree, sharding.param_specs(tree, {}), {})
+  sizes = {"data": 2, "model": 4}
+  eight = sharding.per_device_bytes(tree, sharding.param_specs(tree, sizes), sizes)
+  assert one == 2 * Params.count(tree)
+  assert one / 8 <= eight < one / 7  # almost everything splits; norms stay whole
+
+
+@pytest.mark.parametrize("text, bad", [("2x", True), ("0x8", True), ("axb", True),
+                                       ("2x4", False), ("1x8x2", False)])
+def test_parse_mesh(text, bad):
+  if bad:
+    with pytest.raises(ValueError, match="--mesh"):
+      sharding.parse_mesh(text)
+  else:
+    assert sharding.parse_mesh(text)[:2] in ((2, 4), (1, 8))
+
+
+@pytest.mark.slow
+def test_sharded_logits_equal_single_device_logits():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  names = [n for n in FAMILIES if n != "gemma3"]
+  proc = subprocess.run([sys.executable, os.path.join(HERE, "sharded_logits_check.py"), *names],
+                        capture_output=True, text=True, env=env, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  errors = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert set(errors) == set(names)
+  assert "tq4@2x4" in errors[names[0]]
+  for name, per_mesh in errors.items():
+    assert {"f32@1x8", "f32@2x4", "f32@8x1"} <= set(per_mesh), per_mesh
+    for mesh, err in per_mesh.items():
+      # relative (Frobenius) error; the element-wise max is ~1e-5 of the largest logit, the
+      # size of float32's own error against float64 on these fixtures (tests/fixtures/README.md)
+      assert err["rel_fro"] <= 1e-5, (name, mesh, err)
+      assert err["rel_max"] <= 3e-5, (name, mesh, err)
+
+
+def test_plan_cli_fits_and_refuses(capsys):
+  from gemma.cli import main
+
+  assert main(["plan", "--preset", "gemma4-31b", "--mesh", "1x8", "--context", "131072",
+               "--json"]) == 0
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert out["fits"] and out["devices"] == 8
+  assert out["weight_bytes_per_device"] < 2 * Params.count(Params.abstract(
+      C.get_preset("gemma4-31b"))) / 7
+  assert main(["plan", "--preset", "gemma4-31b", "--mesh", "1x1", "--context", "131072",
+               "--batch", "8"]) == 3
+  assert "does NOT fit in 80 GiB" in capsys.readouterr().out
+
+
+def test_logits_cli_with_a_mesh_matches(tmp_path):
+  import numpy as np
+
+  from gemma.cli import main
+  from tests.conftest import fixture_dir
+
+  args = ["logits", "--checkpoint", fixture_dir("e_style"), "--prompt-ids", "2,17,5,9,33"]
+  assert main([*args, "--out", str(tmp_path / "a.npy")]) == 0
+  assert main([*args, "--out", str(tmp_path / "b.npy"), "--mesh", "1x1"]) == 0
+  np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+  assert main([*args, "--out", str(tmp_path / "c.npy"), "--mesh", "2x4"]) == 2  # 1 device
