@@ -9,7 +9,7 @@
   gemma4 chat     --checkpoint PATH [--system TEXT] [--thinking] [--max-new-tokens N] [sampling]
                   [--quant RECIPE] [--kv-quant KV]
   gemma4 eval     --checkpoint PATH --text FILE [--quant RECIPE] [--kv-quant KV] [--context 1024]
-                  [--stride N] [--max-tokens N] [--json]
+                  [--stride N] [--max-tokens N] [--mesh DxM] [--json]
   gemma4 info     --checkpoint PATH
   gemma4 convert  --checkpoint IN --out DIR [--dtype bfloat16]
   gemma4 quantize --checkpoint IN --recipe RECIPE --out DIR [--dtype bfloat16]
@@ -144,8 +144,9 @@ def _parser() -> argparse.ArgumentParser:
 
   cli_train.add_parsers(sub, PRESETS, RECIPES)
   cli_scale.add_parsers(sub, PRESETS, RECIPES, KV_CHOICES)
-  lg.add_argument("--mesh", default=None, help="DxM device mesh: params sharded by "
-                  "gemma.sharding (tensor parallel over model, FSDP over data)")
+  for p in (lg, ev):
+    p.add_argument("--mesh", default=None, help="DxM device mesh: params sharded by "
+                   "gemma.sharding (tensor parallel over model, FSDP over data)")
   return ap
 
 

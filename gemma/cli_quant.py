@@ -65,6 +65,12 @@ def cmd_eval(args) -> int:
     (cfg, params), reference = _load(args), None
   if args.kv_quant and reference is None:  # compare against the same weights, plain cache
     reference = params
+  if getattr(args, "mesh", None):
+    from gemma import sharding
+
+    mesh = sharding.make_mesh(args.mesh)
+    params = sharding.shard_params(params, mesh)
+    reference = None if reference is None else sharding.shard_params(reference, mesh)
   result = evaluate(params, cfg, ids, args.context, reference=reference,
                     bos_id=getattr(tokenizer, "bos_id", None), kv_quant=args.kv_quant,
                     stride=stride)

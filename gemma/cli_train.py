@@ -22,7 +22,7 @@ _FIELDS = {
     "checkpoint": str, "preset": str, "tokenizer": str, "data": str, "mode": str, "quant": str,
     "dtype": str, "seq_len": int, "batch_size": int, "grad_accum": int, "lora_rank": int,
     "lora_alpha": float, "steps": int, "lr": float, "warmup_steps": int, "weight_decay": float,
-    "clip_norm": float, "seed": int, "out": str, "save_every": int, "keep": int,
+    "clip_norm": float, "seed": int, "out": str, "save_every": int, "keep": int, "mesh": str,
 }
 
 

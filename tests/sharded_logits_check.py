@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 
 from gemma import sharding  # noqa: E402
 from gemma.checkpoint import load  # noqa: E402
+from gemma.finetune import fit  # noqa: E402
 from gemma.model import forward  # noqa: E402
 from gemma.quant.recipes import quantize_params  # noqa: E402
 
@@ -53,5 +54,29 @@ def main(names) -> dict:
   return out
 
 
+def finetune_steps() -> dict:
+  """Two full fine-tuning steps of a tiny random-init model, single device vs a 2x4 mesh."""
+  import dataclasses
+
+  from configs.finetune_tiny import get_config
+
+  cfg = dataclasses.replace(get_config(), steps=2, warmup_steps=1, batch_size=4)
+  out = {}
+  for mode in ("full",):  # FSDP + tensor parallel on every trained weight
+    one, s1, _ = fit(dataclasses.replace(cfg, mode=mode), False)
+    two, s2, _ = fit(dataclasses.replace(cfg, mode=mode, mesh="2x4"), False)
+    assert any(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(s2))
+    diff = sum(float(np.sum((np.asarray(a) - np.asarray(b)) ** 2)) for a, b in
+               zip(jax.tree.leaves(s1["trainable"]), jax.tree.leaves(s2["trainable"]),
+                   strict=True))
+    norm = sum(float(np.sum(np.asarray(a) ** 2)) for a in jax.tree.leaves(s1["trainable"]))
+    out[mode] = dict(loss_rel=max(abs(a - b) / abs(a) for a, b in
+                                  zip(one["losses"], two["losses"], strict=True)),
+                     params_rel_fro=(diff / norm) ** 0.5)
+  return out
+
+
 if __name__ == "__main__":
-  print(json.dumps(main(sys.argv[1:])))
+  result = main(sys.argv[1:])
+  result["_finetune"] = finetune_steps()
+  print(json.dumps(result))

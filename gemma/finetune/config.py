@@ -50,6 +50,7 @@ class FinetuneConfig:
   b2: float = 0.999
   clip_norm: float = 1.0  # global gradient norm clipping (0: off)
   seed: int = 0
+  mesh: str | None = None  # "DxM": params FSDP/tensor-parallel, batch rows over data (sharding)
   # outputs
   out: str | None = None  # run directory: Orbax checkpoints under out/checkpoints
   save_every: int = 0  # steps between checkpoints (0: only the last step)

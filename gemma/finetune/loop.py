@@ -259,7 +259,24 @@ def _bar(step: int, total: int, loss: float, tokens_per_s: float) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-RESUMABLE = ("out", "save_every", "keep", "steps")  # may differ when resuming
+def _place_on_mesh(run: Run, state: dict, mesh_text: str):
+  """Shards the frozen base and the train state by `gemma.sharding`'s rules (optimizer moments
+  like their params); batch rows go over `data`. Returns (state, batch placer)."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from gemma import sharding
+
+  mesh = sharding.make_mesh(mesh_text)
+  sizes = dict(mesh.shape)
+  if run.frozen is not None:
+    run.frozen = sharding.shard_params(run.frozen, mesh)
+  state = sharding.shard(state, sharding.param_specs(state, sizes), mesh)
+  rows = "data" if run.cfg.batch_size % sizes["data"] == 0 else None
+  placement = NamedSharding(mesh, PartitionSpec(None, rows, None))  # [A, B, T]
+  return state, lambda x: jax.device_put(x, placement)
+
+
+RESUMABLE = ("out", "save_every", "keep", "steps", "mesh")  # may differ when resuming
 
 
 def train(cfg: FinetuneConfig, show_progress: bool = True, stop_after: int | None = None) -> dict:
@@ -293,6 +310,9 @@ def fit(cfg: FinetuneConfig, show_progress: bool = True, run: Run | None = None,
     losses = list(meta["losses"])
     resumed_from = int(state["step"])
     log(f"resuming {cfg.out} at step {resumed_from}")
+  put_batch = jnp.asarray
+  if cfg.mesh:
+    state, put_batch = _place_on_mesh(run, state, cfg.mesh)
   step_fn = make_train_step(run)
   end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
   tokens, timed, compile_s = 0, 0.0, None  # throughput excludes the first (compiling) step
@@ -305,7 +325,7 @@ def fit(cfg: FinetuneConfig, show_progress: bool = True, run: Run | None = None,
     batch = data_lib.step_batch(run.examples, cfg.seed, s, cfg.batch_size, cfg.grad_accum,
                                 cfg.seq_len)
     t0 = time.perf_counter()
-    state, loss, _ = step_fn(state, run.frozen, {k: jnp.asarray(v) for k, v in batch.items()})
+    state, loss, _ = step_fn(state, run.frozen, {k: put_batch(v) for k, v in batch.items()})
     loss = float(loss)  # waits for the step
     if compile_s is None:
       compile_s = time.perf_counter() - t0
