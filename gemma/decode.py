@@ -126,6 +126,32 @@ def _compiled_decode(cfg: ModelConfig, sampler: Sampler, treedef, shapes: tuple)
   return decode_step.lower(*_abstract(treedef, shapes), cfg=cfg, sampler=sampler).compile()
 
 
+def device_memory_limit() -> int | None:
+  """Bytes the first device may allocate (None where the backend does not say, e.g. CPU)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("bytes_limit")
+
+
+def check_memory(params: Params, cfg: ModelConfig, batch: int, max_length: int,
+                 kv_quant) -> None:
+  """Refuses, before allocating the cache, a run whose weights + KV cache exceed the device."""
+  limit = device_memory_limit()
+  if limit is None:
+    return
+  from gemma.quant.footprint import kv_cache_bytes
+
+  weights = sum(x.nbytes for x in jax.tree.leaves(params))
+  cache = kv_cache_bytes(cfg, max_length, batch, jnp.dtype(params.embed.dtype).itemsize,
+                         kv_quant)
+  if weights + cache > limit:
+    gib = 1 << 30
+    raise ValueError(
+        f"this run does not fit the device: {weights / gib:.2f} GiB weights + "
+        f"{cache / gib:.2f} GiB KV cache ({batch} x {max_length} tokens, "
+        f"kv {kv_quant or 'model dtype'}) > {limit / gib:.2f} GiB; lower --max-new-tokens or "
+        f"the batch, use --kv-quant or --quant, or see `gemma4 plan`")
+
+
 def check_capacity(cfg: ModelConfig, prompt_len: int, max_new_tokens: int,
                    max_length: int) -> None:
   total = prompt_len + max_new_tokens
@@ -160,6 +186,7 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
   check_capacity(cfg, t, max_new_tokens, max_length)
   stop = np.asarray(sorted(set(cfg.eos_ids if eos_ids is None else eos_ids)), np.int32)
   key = jax.random.key(seed)
+  check_memory(params, cfg, b, max_length, kv_quant)
   cache = init_cache(cfg, b, max_length, params.embed.dtype, kv_quant)
   cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
 

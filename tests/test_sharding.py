@@ -109,3 +109,16 @@ def test_logits_cli_with_a_mesh_matches(tmp_path):
   assert main([*args, "--out", str(tmp_path / "b.npy"), "--mesh", "1x1"]) == 0
   np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
   assert main([*args, "--out", str(tmp_path / "c.npy"), "--mesh", "2x4"]) == 2  # 1 device
+
+
+def test_generate_refuses_a_run_that_cannot_fit(monkeypatch):
+  from gemma import decode
+  from tests.conftest import tiny
+
+  cfg = tiny("gemma4-31b")
+  p = Params.init(jax.random.key(0), cfg)
+  monkeypatch.setattr(decode, "device_memory_limit", lambda: 10_000)
+  with pytest.raises(ValueError, match="does not fit the device.*gemma4 plan"):
+    decode.generate(p, cfg, [[2, 5, 7]], 4)
+  monkeypatch.setattr(decode, "device_memory_limit", lambda: 1 << 30)
+  assert len(decode.generate(p, cfg, [[2, 5, 7]], 4).tokens[0]) == 4
