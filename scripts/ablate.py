@@ -378,6 +378,8 @@ def _jsonable(obj):
     return {str(k): _jsonable(v) for k, v in obj.items()}
   if isinstance(obj, float) and not math.isfinite(obj):
     return str(obj)
+  if isinstance(obj, str) and obj.startswith(str(ROOT) + os.sep):  # repo files: relative paths
+    return os.path.relpath(obj, ROOT)
   return obj if isinstance(obj, (int, float, str, bool)) or obj is None else str(obj)
 
 
