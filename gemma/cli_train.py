@@ -17,7 +17,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-# flag -> (FinetuneConfig field, type)
+# FinetuneConfig fields settable by a flag (--seq-len for seq_len) -> type
 _FIELDS = {
     "checkpoint": str, "preset": str, "tokenizer": str, "data": str, "mode": str, "quant": str,
     "dtype": str, "seq_len": int, "batch_size": int, "grad_accum": int, "lora_rank": int,
