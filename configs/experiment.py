@@ -20,13 +20,13 @@ with `python scripts/ablate.py --config configs/ablations/NAME.py --out DIR`.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import itertools
 import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from gemma.config_file import load_config_file
 from gemma.quant.qarray import QuantSpec
 from gemma.quant.recipes import Recipe, get_recipe, uniform
 
@@ -176,15 +176,4 @@ def points(*entries: tuple[str, dict]) -> tuple[Point, ...]:
 
 def load_config(path: str | Path) -> Experiment:
   """`get_config()` of the experiment file at `path` (imported by path, not by module name)."""
-  path = Path(path)
-  spec = importlib.util.spec_from_file_location(f"_experiment_{path.stem}", path)
-  if spec is None or spec.loader is None:
-    raise ValueError(f"cannot import {path}")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ValueError(f"{path} has no get_config()")
-  exp = module.get_config()
-  if not isinstance(exp, Experiment):
-    raise ValueError(f"{path}: get_config() returned {type(exp).__name__}, not an Experiment")
-  return exp
+  return load_config_file(path, Experiment)

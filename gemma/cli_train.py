@@ -13,9 +13,7 @@ same --out resumes from its latest checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-from pathlib import Path
 
 # FinetuneConfig fields settable by a flag (--seq-len for seq_len) -> type
 _FIELDS = {
@@ -55,26 +53,11 @@ def add_parsers(sub, presets, recipes) -> None:
   mg.add_argument("--force", action="store_true", help="overwrite an existing --out")
 
 
-def load_config_file(path: str | Path):
-  """The object `get_config()` of a Python config file returns."""
-  path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"config file {path} does not exist")
-  spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ValueError(f"{path} has no get_config()")
-  return module.get_config()
-
-
 def finetune_config(args):
+  from gemma.config_file import load_config_file
   from gemma.finetune import FinetuneConfig
 
-  base = load_config_file(args.config) if args.config else None
-  if base is not None and not isinstance(base, FinetuneConfig):
-    raise ValueError(f"{args.config}: get_config() returned {type(base).__name__}, "
-                     "not a FinetuneConfig")
+  base = load_config_file(args.config, FinetuneConfig) if args.config else None
   deltas = {k: getattr(args, k) for k in _FIELDS if getattr(args, k) is not None}
   if args.lora_targets:
     deltas["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())

@@ -187,3 +187,12 @@ def test_bad_data_is_named(tmp_path, e_style_ckpt):
     data_lib.load_examples(bad, tok)
   with pytest.raises(FileNotFoundError, match="nope.jsonl"):
     data_lib.load_examples(tmp_path / "nope.jsonl", tok)
+
+
+def test_bad_config_file_is_named(tmp_path, capsys):
+  assert cli_main(["finetune", "--config", str(tmp_path / "nope.py")]) == 2
+  assert "nope.py does not exist" in capsys.readouterr().err
+  wrong = tmp_path / "wrong.py"
+  wrong.write_text("def get_config():\n  return 3\n")
+  assert cli_main(["finetune", "--config", str(wrong)]) == 2
+  assert "returned int, not a FinetuneConfig" in capsys.readouterr().err

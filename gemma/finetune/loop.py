@@ -28,6 +28,7 @@ import optax
 from gemma import lora
 from gemma.finetune import data as data_lib
 from gemma.finetune.config import FinetuneConfig, model_config
+from gemma.formats.common import progress
 from gemma.model import forward
 from gemma.params import Params
 from gemma.params import init as init_params
@@ -251,14 +252,6 @@ def load_trained(out: str | Path) -> tuple[object, FinetuneConfig, dict]:
 
 
 # ---------------------------------------------------------------------------- the loop
-def _bar(step: int, total: int, loss: float, tokens_per_s: float) -> None:
-  line = f"step {step}/{total} loss {loss:.4f} {tokens_per_s:,.0f} tok/s"
-  if sys.stderr.isatty():
-    print("\r" + line, end="\n" if step == total else "", file=sys.stderr, flush=True)
-  elif step == total or step % max(1, total // 10) == 0:
-    print(line, file=sys.stderr, flush=True)
-
-
 def _place_on_mesh(run: Run, state: dict, mesh_text: str):
   """Shards the frozen base and the train state by `gemma.sharding`'s rules (optimizer moments
   like their params); batch rows go over `data`. Returns (state, batch placer)."""
@@ -336,7 +329,7 @@ def fit(cfg: FinetuneConfig, show_progress: bool = True, run: Run | None = None,
       raise FloatingPointError(f"loss is {loss} at step {s + 1}; lower lr or check the data")
     losses.append(loss)
     if show_progress:
-      _bar(s + 1, cfg.steps, loss, tokens / max(timed, 1e-9))
+      progress(s + 1, cfg.steps, "step", f"loss {loss:.4f} {tokens / max(timed, 1e-9):,.0f} tok/s")
     if mgr is not None and cfg.save_every and (s + 1) % cfg.save_every == 0:
       save(mgr, state, meta())
   if mgr is not None and mgr.latest_step() != int(state["step"]):

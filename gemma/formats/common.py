@@ -101,12 +101,13 @@ def log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
-def progress(done: int, total: int, what: str = "loading tensors") -> None:
+def progress(done: int, total: int, what: str = "loading tensors", suffix: str = "") -> None:
+  line = f"{what} {done}/{total}" + (f" {suffix}" if suffix else "")
   if sys.stderr.isatty():
     end = "\n" if done == total else ""
-    print(f"\r{what} {done}/{total}", end=end, file=sys.stderr, flush=True)
+    print(f"\r{line}", end=end, file=sys.stderr, flush=True)
   elif done == total or done % max(1, total // 10) == 0:  # logs: about ten lines
-    print(f"{what} {done}/{total}", file=sys.stderr, flush=True)
+    print(line, file=sys.stderr, flush=True)
 
 
 def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Loader]],
