@@ -57,8 +57,8 @@ def inspect(path: str | Path, preset: str | None = None) -> tuple[str, ModelConf
 
 
 def load(path: str | Path, dtype=jnp.bfloat16, cfg: ModelConfig | None = None,
-         preset: str | None = None, quant=None,
-         float_dtype=None) -> tuple[ModelConfig, Params]:
+         preset: str | None = None, quant=None, float_dtype=None,
+         mesh=None) -> tuple[ModelConfig, Params]:
   """Loads any supported checkpoint. Returns (config, params cast to `dtype`).
 
   `cfg` overrides the checkpoint's own config; `preset` names the config of an official Orbax
@@ -67,6 +67,18 @@ def load(path: str | Path, dtype=jnp.bfloat16, cfg: ModelConfig | None = None,
   whole in full precision. A checkpoint written by `gemma4 quantize` loads quantized as it is;
   asking for the recipe it was quantized with is a no-op, any other recipe is an error.
   `float_dtype` casts the weights `quant` keeps in float (default: `dtype`).
+
+  `mesh` (a `jax.sharding.Mesh`, e.g. `gemma.sharding.make_mesh("2x4")`) loads every leaf
+  straight into the `NamedSharding` that `gemma.sharding.param_specs` gives it, never whole on
+  one device. What each process reads, by format:
+    hf         tensors are memory-mapped and each process reads only the slices its devices own
+               (each distinct slice once)
+    converted  Orbax restores into the target shardings, so TensorStore reads only the chunks
+               overlapping owned slices (QArray children too, placed as `param_specs` says)
+    gguf       every process reads and dequantizes whole tensors, then keeps its own slices
+    orbax      every process restores whole leaves, then keeps its own slices
+  With `quant`, weights are quantized after the sharded read (jitted on sharded arrays) and the
+  result is placed with `gemma.sharding.shard_params` at the end.
   """
   fmt = detect_format(path)
   if preset is not None and cfg is None:
@@ -81,10 +93,16 @@ def load(path: str | Path, dtype=jnp.bfloat16, cfg: ModelConfig | None = None,
       raise CheckpointError(f"{path} is already quantized with recipe {stored.name!r}; "
                             f"cannot load it as {recipe.name!r}")
     finish = None if stored is not None else quantizer(recipe, float_dtype)
-  if fmt == "orbax":
-    return orbax_official.load(Path(path), dtype, cfg, finish=finish)
-  return {"hf": hf.load, "gguf": gguf.load, "converted": converted.load}[fmt](
-      Path(path), dtype, cfg, finish=finish)
+  loader = {"hf": hf.load, "gguf": gguf.load, "orbax": orbax_official.load,
+            "converted": converted.load}[fmt]
+  cfg, params = loader(Path(path), dtype, cfg, finish=finish, mesh=mesh)
+  if mesh is not None and finish is not None:
+    from gemma.sharding import shard_params
+
+    # quantize-on-load outputs land where XLA put them: move every leaf to its param_specs
+    # place (a no-op for leaves already there)
+    params = shard_params(params, mesh)
+  return cfg, params
 
 
 def load_hf(path: str | Path, dtype=jnp.bfloat16,

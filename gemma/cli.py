@@ -3,11 +3,11 @@
   gemma4 generate --checkpoint PATH (--prompt TEXT | --prompt-ids 2,17,5) --max-new-tokens N
                   [--temperature T] [--top-k K] [--top-p P] [--seed S]
                   [--dtype float32|bfloat16] [--quant RECIPE] [--kv-quant KV] [--json]
-                  [--chat [--system TEXT] [--thinking]]
+                  [--chat [--system TEXT] [--thinking]] [--mesh DxM] [--ple-on-host]
   gemma4 logits   --checkpoint PATH --prompt-ids 2,17,5 --out FILE.npy [--dtype float32]
-                  [--quant RECIPE] [--mesh DxM]
+                  [--quant RECIPE] [--mesh DxM] [--ple-on-host]
   gemma4 chat     --checkpoint PATH [--system TEXT] [--thinking] [--max-new-tokens N] [sampling]
-                  [--quant RECIPE] [--kv-quant KV]
+                  [--quant RECIPE] [--kv-quant KV] [--mesh DxM] [--ple-on-host]
   gemma4 eval     --checkpoint PATH --text FILE [--quant RECIPE] [--kv-quant KV] [--context 1024]
                   [--stride N] [--max-tokens N] [--mesh DxM] [--json]
   gemma4 info     --checkpoint PATH
@@ -17,7 +17,7 @@
                   [--quant RECIPE] [--steps N] [--seed S] [--out DIR] ...   (gemma/cli_train.py)
   gemma4 merge-lora --checkpoint BASE --adapters RUN_DIR --out DIR [--dtype bfloat16]
   gemma4 plan     --preset P [--quant RECIPE] [--kv-quant KV] --mesh DxM --context T [--batch B]
-                  [--device-memory 80] [--json]   (per-device bytes; exit 3 if it does not fit)
+                  [--device-memory 80] [--ple-on-host] [--json]   (exit 3 if it does not fit)
 
 RECIPE: tq4, tq3, tq2, tq-mixed (TurboQuant), int8, int4 (g128), nf4, bf16 (gemma.quant.recipes).
 KV: bf16, f32, or a TurboQuant KV cache tq2, tq2.5, tq3, tq3.5, tq4 (gemma.kv_quant).
@@ -144,9 +144,16 @@ def _parser() -> argparse.ArgumentParser:
 
   cli_train.add_parsers(sub, PRESETS, RECIPES)
   cli_scale.add_parsers(sub, PRESETS, RECIPES, KV_CHOICES)
-  for p in (lg, ev):
+  for p in (gen, ch, lg, ev):
     p.add_argument("--mesh", default=None, help="DxM device mesh: params sharded by "
                    "gemma.sharding (tensor parallel over model, FSDP over data)")
+  from gemma import distributed
+
+  for p in (gen, lg):  # multi-host: one command per host (docs/MULTIHOST.md)
+    distributed.add_flags(p)
+  for p in (gen, ch, lg):
+    p.add_argument("--ple-on-host", action="store_true", help="keep the per-layer-embedding "
+                   "table in host memory; send each step only its tokens' rows (E2B/E4B)")
   return ap
 
 
@@ -161,11 +168,21 @@ def _dtype(name: str | None):
 
 def _load(args, quantize: bool = True):
   """(cfg, params) of --checkpoint in --dtype, quantized on load by --quant unless `quantize`
-  is False."""
+  is False; read straight into the --mesh shardings when one is given."""
   from gemma.checkpoint import load
 
   quant = getattr(args, "quant", None) if quantize else None
-  return load(args.checkpoint, _dtype(args.dtype), preset=args.preset, quant=quant)
+  return load(args.checkpoint, _dtype(args.dtype), preset=args.preset, quant=quant,
+              mesh=_mesh(args))
+
+
+def _mesh(args):
+  """The --mesh DxM device mesh, or None."""
+  if not getattr(args, "mesh", None):
+    return None
+  from gemma.sharding import make_mesh
+
+  return make_mesh(args.mesh)
 
 
 def _eos_ids(cfg, checkpoint: str) -> tuple[int, ...]:
@@ -241,9 +258,13 @@ def cmd_generate(args) -> int:
   else:
     prompt = tokenizer.encode(args.prompt) if tokenizer else args.prompt_ids
   _check_ids(prompt, cfg)
+  from gemma.distributed import is_main_process
+
+  main_process = is_main_process()  # in a multi-host run only process 0 prints
   result = generate(params, cfg, [prompt], args.max_new_tokens, sampler, seed=args.seed,
-                    eos_ids=sorted(eos), on_token=_Stream(tokenizer, enabled=not args.json),
-                    kv_quant=args.kv_quant)
+                    eos_ids=sorted(eos),
+                    on_token=_Stream(tokenizer, enabled=main_process and not args.json),
+                    kv_quant=args.kv_quant, mesh=_mesh(args), ple_on_host=args.ple_on_host)
   out = dict(
       token_ids=result.tokens[0], prompt_ids=list(prompt),
       prefill_tokens_per_s=result.prefill_tokens_per_s,
@@ -252,6 +273,8 @@ def cmd_generate(args) -> int:
       kv_cache_bytes=result.kv_cache_bytes)
   if tokenizer:
     out["text"] = tokenizer.decode(result.tokens[0])
+  if not main_process:
+    return 0
   if args.json:
     print(json.dumps(out))
   else:
@@ -269,6 +292,7 @@ def cmd_chat(args, stdin=None) -> int:
   tokenizer = _tokenizer(args.checkpoint)
   cfg, params = _load(args)
   stop = sorted(set(_eos_ids(cfg, args.checkpoint)) | set(chat.stop_ids(tokenizer)))
+  mesh = _mesh(args)
   history = [chat.Message("system", args.system)] if args.system else []
   stdin = stdin or sys.stdin
   print(f"{cfg.name}: chat (empty line or Ctrl-D to quit)", file=sys.stderr)
@@ -282,7 +306,7 @@ def cmd_chat(args, stdin=None) -> int:
     prompt = chat.chat_prompt(tokenizer, history, thinking=args.thinking)
     result = generate(params, cfg, [prompt], args.max_new_tokens, sampler,
                       seed=args.seed + turn, eos_ids=stop, on_token=_Stream(tokenizer),
-                      kv_quant=args.kv_quant)
+                      kv_quant=args.kv_quant, mesh=mesh, ple_on_host=args.ple_on_host)
     reply = [i for i in result.tokens[0] if i not in stop]
     history.append(chat.Message("model", tokenizer.decode(reply)))
     print(f"\n[{result.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
@@ -335,15 +359,28 @@ def cmd_logits(args) -> int:
   cfg, params = _load(args)
   ids = args.prompt_ids
   _check_ids(ids, cfg)
-  if args.mesh:
-    from gemma import sharding
-
-    params = sharding.shard_params(params, sharding.make_mesh(args.mesh))
+  mesh = _mesh(args)
   tokens = jnp.asarray([ids], jnp.int32)
+  if args.ple_on_host:
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from gemma.host_ple import offload
+
+    params, table = offload(params, cfg.ple_vocab_size,
+                            mesh and NamedSharding(mesh, PartitionSpec()))
+    params = table.attach(params, tokens)
+  if mesh is not None:
+    from gemma.sharding import shard_params
+
+    params = shard_params(params, mesh)
   positions = jnp.arange(len(ids), dtype=jnp.int32)[None]
   logits, _ = jax.jit(forward, static_argnames="cfg")(params, tokens, positions, cfg)
-  np.save(args.out, np.asarray(logits[0], np.float32))
-  print(f"saved logits {tuple(logits.shape[1:])} to {args.out}")
+  from gemma import distributed
+
+  logits = distributed.to_host(logits)  # every process takes part; process 0 writes
+  if distributed.is_main_process():
+    np.save(args.out, np.asarray(logits[0], np.float32))
+    print(f"saved logits {tuple(logits.shape[1:])} to {args.out}")
   return 0
 
 
@@ -355,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
   from gemma.cli_train import cmd_finetune, cmd_merge_lora
 
   try:
+    from gemma import distributed
+
+    distributed.initialize(args)  # before any JAX use; a no-op without the multi-host flags
     commands = {"generate": cmd_generate, "logits": cmd_logits, "chat": cmd_chat,
                 "info": cmd_info, "convert": cmd_convert, "quantize": cmd_quantize,
                 "eval": cmd_eval, "finetune": cmd_finetune, "merge-lora": cmd_merge_lora,

@@ -25,12 +25,18 @@ def add_parsers(sub, presets, recipes, kv_choices) -> None:
   pl.add_argument("--context", type=int, required=True, help="cache length in tokens")
   pl.add_argument("--batch", type=int, default=1)
   pl.add_argument("--device-memory", type=float, default=80.0, help="GiB per device (80)")
+  pl.add_argument("--ple-on-host", action="store_true",
+                  help="per-layer-embedding table in host memory (counted as host bytes)")
   pl.add_argument("--json", action="store_true", help="last stdout line is a JSON object")
 
 
 def plan(preset: str, mesh: str, context: int, batch: int = 1, quant: str | None = None,
-         kv_quant: str = "bf16", device_memory_gib: float = 80.0) -> dict:
-  """Per-device weight and cache bytes of a run, and whether it fits."""
+         kv_quant: str = "bf16", device_memory_gib: float = 80.0,
+         ple_on_host: bool = False) -> dict:
+  """Per-device weight and cache bytes of a run, and whether it fits. With `ple_on_host` the
+  per-layer-embedding table is host memory (`host_bytes`), not device memory."""
+  import dataclasses
+
   import jax
   import jax.numpy as jnp
 
@@ -49,6 +55,12 @@ def plan(preset: str, mesh: str, context: int, batch: int = 1, quant: str | None
     weights = quantized_abstract(cfg, quant, jnp.bfloat16)
   else:
     weights = P.abstract(cfg, jnp.bfloat16)
+  host = 0
+  if ple_on_host:
+    if weights.ple_embed is None:
+      raise ValueError(f"--ple-on-host: {preset} has no per-layer embedding table")
+    host = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(weights.ple_embed))
+    weights = dataclasses.replace(weights, ple_embed=None)
   cache = jax.eval_shape(lambda: init_cache(cfg, batch, context, jnp.bfloat16, kv_quant))
   w = sharding.per_device_bytes(weights, sharding.param_specs(weights, sizes), sizes)
   c = sharding.per_device_bytes(cache, sharding.cache_specs(cache, sizes), sizes)
@@ -56,7 +68,8 @@ def plan(preset: str, mesh: str, context: int, batch: int = 1, quant: str | None
   return dict(preset=preset, quant=quant or "bf16", kv_quant=kv_quant, mesh=mesh,
               devices=math.prod(sizes.values()), context=context,
               batch=batch, weight_bytes_per_device=w, cache_bytes_per_device=c,
-              total_bytes_per_device=w + c, device_memory_bytes=int(limit), fits=w + c <= limit)
+              total_bytes_per_device=w + c, device_memory_bytes=int(limit), fits=w + c <= limit,
+              ple_on_host=ple_on_host, host_bytes=host)
 
 
 def explain(p: dict) -> str:
@@ -66,12 +79,14 @@ def explain(p: dict) -> str:
           f"{p['batch']} x {p['context']} tokens: per device {weights:.2f}"
           f" GiB weights + {p['cache_bytes_per_device'] / GIB:.2f} GiB KV cache = "
           f"{p['total_bytes_per_device'] / GIB:.2f} GiB; {verdict} in "
-          f"{p['device_memory_bytes'] / GIB:.0f} GiB (activations and XLA workspace not counted)")
+          f"{p['device_memory_bytes'] / GIB:.0f} GiB (activations and XLA workspace not counted)"
+          + (f"; PLE table in host memory: {p['host_bytes'] / GIB:.2f} GiB" if p["host_bytes"]
+             else ""))
 
 
 def cmd_plan(args) -> int:
   p = plan(args.preset, args.mesh, args.context, args.batch, args.quant, args.kv_quant,
-           args.device_memory)
+           args.device_memory, args.ple_on_host)
   print(explain(p))
   if args.json:
     print(json.dumps(p))

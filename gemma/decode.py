@@ -3,6 +3,10 @@
 Prompts of a batch are left-padded to a common length; positions come from the padding mask,
 so a padded row generates exactly what it generates alone. `prefill` right-pads the chunk to a
 power-of-two bucket (bounded recompiles); `decode_step` donates the cache.
+
+On a device mesh (`generate(..., mesh=)`, `gemma4 generate --mesh DxM`) params and cache are
+placed by `gemma.sharding`, the small inputs are replicated, and both steps are compiled with the
+cache's shardings pinned on their outputs, so the cache never moves between steps.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gemma import host_ple, sharding
 from gemma.cache import KVCache, init_cache
 from gemma.config import ModelConfig
 from gemma.model import forward
@@ -32,9 +38,8 @@ def bucket_length(n: int) -> int:
   return max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def prefill_step(params: Params, tokens: jax.Array, positions: jax.Array, num_columns: jax.Array,
-                 cache: KVCache, cfg: ModelConfig):
+def _prefill(params: Params, tokens: jax.Array, positions: jax.Array, num_columns: jax.Array,
+             cache: KVCache, cfg: ModelConfig):
   """Runs a (bucket-padded) chunk through the model and the cache.
 
   Args:
@@ -46,14 +51,17 @@ def prefill_step(params: Params, tokens: jax.Array, positions: jax.Array, num_co
                  logits_at=num_columns - 1)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampler"), donate_argnames=("cache",))
-def decode_step(params: Params, tokens: jax.Array, cache: KVCache, key: jax.Array,
-                cfg: ModelConfig, sampler: Sampler):
+def _decode(params: Params, tokens: jax.Array, cache: KVCache, key: jax.Array,
+            cfg: ModelConfig, sampler: Sampler):
   """One decoding step. tokens: [B] the last tokens. Returns (next [B], logits [B, V], cache)."""
   positions = cache.next_pos[:, None]
   logits, cache = forward(params, tokens[:, None], positions, cfg, cache,
                           logits_at=jnp.zeros((), jnp.int32))
   return sample(logits, key, sampler), logits, cache
+
+
+prefill_step = jax.jit(_prefill, static_argnames=("cfg",), donate_argnames=("cache",))
+decode_step = jax.jit(_decode, static_argnames=("cfg", "sampler"), donate_argnames=("cache",))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,48 +113,86 @@ class Generation:
 
 
 def _signature(args) -> tuple:
+  """(treedef, ((shape, dtype, mesh sharding or None) per leaf)): the key of one executable."""
   leaves, treedef = jax.tree.flatten(args)
-  return treedef, tuple((x.shape, x.dtype) for x in leaves)
+  return treedef, tuple((x.shape, x.dtype, _mesh_sharding(x)) for x in leaves)
+
+
+def _mesh_sharding(x) -> NamedSharding | None:
+  s = getattr(x, "sharding", None)
+  return s if isinstance(s, NamedSharding) else None
 
 
 def _abstract(treedef, shapes: tuple):
-  return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in shapes])
+  return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d, sharding=sh)
+                                      for s, d, sh in shapes])
+
+
+def _replicate(x, sharding: NamedSharding):
+  """x (array or PRNG key) replicated on the mesh; also across processes (a typed key cannot be
+  device_put to devices of other processes, its raw data can)."""
+  if getattr(x, "sharding", None) == sharding:
+    return x
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(_replicate(jax.random.key_data(x), sharding),
+                                    impl=jax.random.key_impl(x))
+  return jax.device_put(x, sharding)
+
+
+def _jitted(fn, default, static: tuple[str, ...], cache, n_small: int):
+  """`default` (the plain jitted step), or, when the cache lives on a mesh, a jit of `fn` whose
+  outputs are n_small replicated arrays and the cache with its input shardings."""
+  shardings = [x.sharding for x in jax.tree.leaves(cache)]
+  if not shardings or not all(isinstance(s, NamedSharding) for s in shardings):
+    return default
+  replicated = NamedSharding(shardings[0].mesh, PartitionSpec())
+  out = (*(replicated,) * n_small, jax.tree.map(lambda x: x.sharding, cache))
+  return jax.jit(fn, static_argnames=static, donate_argnames=("cache",), out_shardings=out)
 
 
 @functools.lru_cache(maxsize=32)
 def _compiled_prefill(cfg: ModelConfig, treedef, shapes: tuple):
   """Ahead-of-time compiled prefill for one argument signature (so timings exclude compiling)."""
-  return prefill_step.lower(*_abstract(treedef, shapes), cfg=cfg).compile()
+  args = _abstract(treedef, shapes)
+  step = _jitted(_prefill, prefill_step, ("cfg",), args[-1], n_small=1)
+  return step.lower(*args, cfg=cfg).compile()
 
 
 @functools.lru_cache(maxsize=32)
 def _compiled_decode(cfg: ModelConfig, sampler: Sampler, treedef, shapes: tuple):
   """Ahead-of-time compiled decode step: one executable for every step, whatever placement the
   arrays carry (a jitted call would recompile when e.g. restored params are committed)."""
-  return decode_step.lower(*_abstract(treedef, shapes), cfg=cfg, sampler=sampler).compile()
+  args = _abstract(treedef, shapes)
+  step = _jitted(_decode, decode_step, ("cfg", "sampler"), args[2], n_small=2)
+  return step.lower(*args, cfg=cfg, sampler=sampler).compile()
 
 
 def device_memory_limit() -> int | None:
-  """Bytes the first device may allocate (None where the backend does not say, e.g. CPU)."""
-  stats = jax.devices()[0].memory_stats() or {}
+  """Bytes this process's first device may allocate (None where the backend does not say, e.g.
+  CPU)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
   return stats.get("bytes_limit")
 
 
 def check_memory(params: Params, cfg: ModelConfig, batch: int, max_length: int,
-                 kv_quant) -> None:
-  """Refuses, before allocating the cache, a run whose weights + KV cache exceed the device."""
+                 kv_quant, mesh: Mesh | None = None) -> None:
+  """Refuses, before allocating the cache, a run whose weights + KV cache exceed one device
+  (the bytes one device holds when params and cache are placed on `mesh`)."""
   limit = device_memory_limit()
   if limit is None:
     return
-  from gemma.quant.footprint import kv_cache_bytes
-
-  weights = sum(x.nbytes for x in jax.tree.leaves(params))
-  cache = kv_cache_bytes(cfg, max_length, batch, jnp.dtype(params.embed.dtype).itemsize,
-                         kv_quant)
+  sizes = dict(mesh.shape) if mesh is not None else {}
+  cache_shapes = jax.eval_shape(
+      lambda: init_cache(cfg, batch, max_length, params.embed.dtype, kv_quant))
+  weights = sharding.per_device_bytes(params, sharding.param_specs(params, sizes), sizes)
+  cache = sharding.per_device_bytes(cache_shapes, sharding.cache_specs(cache_shapes, sizes),
+                                    sizes)
   if weights + cache > limit:
     gib = 1 << 30
+    where = f" on each of {mesh.size} devices ({'x'.join(map(str, mesh.shape.values()))})" \
+        if mesh is not None else ""
     raise ValueError(
-        f"this run does not fit the device: {weights / gib:.2f} GiB weights + "
+        f"this run does not fit the device{where}: {weights / gib:.2f} GiB weights + "
         f"{cache / gib:.2f} GiB KV cache ({batch} x {max_length} tokens, "
         f"kv {kv_quant or 'model dtype'}) > {limit / gib:.2f} GiB; lower --max-new-tokens or "
         f"the batch, use --kv-quant or --quant, or see `gemma4 plan`")
@@ -169,7 +215,8 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
              max_new_tokens: int, sampler: Sampler = GREEDY, seed: int = 0,
              max_length: int | None = None, eos_ids: Sequence[int] | None = None,
              on_token: Callable[[list[int]], None] | None = None,
-             kv_quant: str | None = None) -> Generation:
+             kv_quant: str | None = None, mesh: Mesh | None = None,
+             ple_on_host: bool = False) -> Generation:
   """Generates up to `max_new_tokens` per prompt; a row stops at its first EOS id.
 
   Args:
@@ -179,6 +226,10 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     eos_ids: stop ids (default cfg.eos_ids); on_token: called with each step's new ids.
     kv_quant: KV cache storage (`gemma.cache.init_cache`): None, "bf16", "f32" or a TurboQuant
       width such as "tq3.5".
+    mesh: a `jax.sharding.Mesh` (`gemma.sharding.make_mesh("2x4")`): params and cache are
+      sharded over it by `gemma.sharding` (tensor parallel on `model`, rows / FSDP on `data`).
+    ple_on_host: keep the per-layer-embedding table in host memory and send each step only its
+      tokens' rows (`gemma.host_ple`).
   """
   tokens, positions = left_pad(prompts, cfg.pad_id)
   b, t = tokens.shape
@@ -186,14 +237,26 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
   check_capacity(cfg, t, max_new_tokens, max_length)
   stop = np.asarray(sorted(set(cfg.eos_ids if eos_ids is None else eos_ids)), np.int32)
   key = jax.random.key(seed)
-  check_memory(params, cfg, b, max_length, kv_quant)
+  replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+  with_rows = lambda p, _: p  # noqa: E731
+  if ple_on_host:
+    params, table = host_ple.offload(params, cfg.ple_vocab_size, replicated)
+    with_rows = table.attach
+  check_memory(params, cfg, b, max_length, kv_quant, mesh)
   cache = init_cache(cfg, b, max_length, params.embed.dtype, kv_quant)
   cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
+  place = lambda x: x  # noqa: E731
+  if mesh is not None:
+    params, cache = sharding.shard_params(params, mesh), sharding.shard_cache(cache, mesh)
+    place = functools.partial(_replicate, sharding=replicated)
+    key = place(key)
 
-  args = (params, *bucket_inputs(cfg, tokens, positions), cache)
+  inputs = bucket_inputs(cfg, tokens, positions)
+  args = (with_rows(params, inputs[0]), *map(place, inputs), cache)
   t0 = time.perf_counter()
   compiled = _compiled_prefill(cfg, *_signature(args))
-  step_args = (params, jnp.zeros((b,), jnp.int32), cache, key)
+  step_args = (with_rows(params, np.zeros((b, 1), np.int32)), place(jnp.zeros((b,), jnp.int32)),
+               cache, key)
   compiled_step = _compiled_decode(cfg, sampler, *_signature(step_args))
   compile_s = time.perf_counter() - t0
   t0 = time.perf_counter()
@@ -216,8 +279,9 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     if done.all() or step == max_new_tokens - 1:
       break
     t0 = time.perf_counter()
-    next_ids, _, cache = compiled_step(params, jnp.asarray(ids, jnp.int32), cache,
-                                       jax.random.fold_in(key, step + 1))
+    next_ids, _, cache = compiled_step(with_rows(params, ids[:, None]),
+                                       place(jnp.asarray(ids, jnp.int32)), cache,
+                                       place(jax.random.fold_in(key, step + 1)))
     next_ids = jax.block_until_ready(next_ids)
     if step > 0:  # step 0 warms up (first run of the executable)
       decode_s += time.perf_counter() - t0

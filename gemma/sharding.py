@@ -9,8 +9,17 @@ mesh axes `data` and `model` (and `expert` when the mesh has one):
   head_dim, norms, routers' outputs -> replicated
 
 An axis whose size the mesh axis does not divide stays replicated (e.g. 1 KV head on 8 model
-shards), and a mesh axis is used at most once per tensor. Quantized weights (`QArray`) are kept
-whole on every device for now (their codes/scales layout is not yet mapped to rotation blocks).
+shards), and a mesh axis is used at most once per tensor.
+
+Quantized weights (`QArray`, `qarray_spec`) are split along rotation blocks: their output axes
+keep the weight's shape and shard as the float weight's would; the packed input axis (codes
+[.., n_in·b/32, ..], scales [.., n_in/g, ..]) is split only where every shard holds whole
+rotation blocks of whole leading input slices (the block count and the first input axis both
+divide, no padding) and the codes are one bit plane (b in 1, 2, 4, 8; a 3-bit code's two planes
+are concatenated along that axis). FSDP prefers output axes (whole rows per shard); where the
+input axis cannot take its mesh axis, an output axis takes it (3-bit mlp.down [F, D]: D on
+(`data`, `model`)). Codes, scales, QJL signs and γ of a QArray always share one spec, so a
+block's codes and its norm live on the same device.
 KV cache leaves put rows (batch) on `data` and KV heads on `model`.
 
   mesh = make_mesh("2x4")                     # (data, model) over 8 devices
@@ -120,13 +129,67 @@ def _is_qarray(x) -> bool:
   return isinstance(x, QArray)
 
 
+def qarray_spec(q: QArray, axes, sizes: dict[str, int]) -> PartitionSpec:
+  """The one PartitionSpec of every child of `q` (a weight with logical `axes`).
+
+  Output axes take their mesh axes as the float weight's would. The input axis's mesh axis goes
+  to the packed input axis only in whole rotation blocks (see the module docstring) and, for
+  FSDP (`data`), only when no output axis can take it: FSDP shards then hold whole rows, whose
+  blocks are summed on one device in the same order as without a mesh. Tensor parallelism
+  (`model` on heads / FFN) splits the input axis Megatron-style when it can, else an output axis.
+  """
+  layout, spec = q.layout, q.spec
+  b_axes, in_axes, out_axes = layout.split(tuple(axes))
+  b_dims, in_dims, out_dims = layout.split(q.shape)
+  _, n_in, n_pad, _, _ = q.dims
+  one_plane = spec.code_bits in (1, 2, 4, 8)
+  # the packed axis may split only into whole blocks of whole leading input slices
+  blocks = n_pad // spec.block if one_plane and n_pad == n_in else 1
+  candidates = RULES.get(in_axes[0], ())
+  mesh_n = max((sizes.get(m, 1) for m in candidates), default=1)
+  eligible = mesh_n > 1 and blocks % mesh_n == 0 and in_dims[0] % mesh_n == 0
+  split_in = eligible and "data" not in candidates
+  if layout.in_last:  # children [*batch, *out, packed]
+    stored = (*b_axes, *out_axes, in_axes[0])
+    dims = (*b_dims, *out_dims, blocks if split_in else 1)
+    in_at, out_at = len(stored) - 1, range(len(b_dims), len(b_dims) + len(out_dims))
+  else:  # children [*batch, packed, *out]
+    stored = (*b_axes, in_axes[0], *out_axes)
+    dims = (*b_dims, blocks if split_in else 1, *out_dims)
+    in_at, out_at = len(b_dims), range(len(b_dims) + 1, len(stored))
+  out = list(partition_spec(stored, dims, sizes))
+  for mesh_axis in candidates:  # the input axis's mesh axis, if it is still unplaced
+    n = sizes.get(mesh_axis, 1)
+    if n == 1 or any(mesh_axis in _names(e) for e in out):
+      continue
+    # an output axis that may be split at all (heads, FFN, vocab, embed; never head_dim)
+    free = [i for i in out_at if stored[i] in RULES and dims[i] % (n * _split(out[i], sizes)) == 0]
+    if free:  # e.g. 3-bit mlp.down [F, D]: D on (data, model) when F cannot split
+      out[free[0]] = mesh_axis if out[free[0]] is None else (*_names(out[free[0]]), mesh_axis)
+    elif eligible:
+      out[in_at] = mesh_axis
+  return PartitionSpec(*out)
+
+
+def _names(entry) -> tuple[str, ...]:
+  """Mesh axes of one PartitionSpec entry (None, "model" or ("data", "model"))."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _split(entry, sizes: dict[str, int]) -> int:
+  """Shards along one dimension of a PartitionSpec entry."""
+  return math.prod(sizes.get(n, 1) for n in _names(entry))
+
+
 def param_specs(tree, sizes: dict[str, int]):
-  """PartitionSpec per param leaf (a QArray: one replicated spec per child)."""
+  """PartitionSpec per param leaf (a QArray: `qarray_spec` for each of its children)."""
 
   def one(path, leaf):
+    axes = logical_axes(path_name(path), len(leaf.shape))
     if isinstance(leaf, QArray):
-      return jax.tree.map(lambda _: PartitionSpec(), leaf)
-    return partition_spec(logical_axes(path_name(path), len(leaf.shape)), leaf.shape, sizes)
+      spec = qarray_spec(leaf, axes, sizes)
+      return jax.tree.map(lambda _: spec, leaf)
+    return partition_spec(axes, leaf.shape, sizes)
 
   return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_qarray)
 
@@ -165,7 +228,7 @@ def per_device_bytes(tree, specs, sizes: dict[str, int]) -> int:
   total = 0
   for leaf, spec in zip(leaves, spec_leaves, strict=True):
     count = math.prod(leaf.shape)
-    for axis in spec:
-      count //= sizes.get(axis, 1) if axis else 1
+    for entry in spec:
+      count //= _split(entry, sizes)
     total += count * np.dtype(leaf.dtype).itemsize
   return total

@@ -5,11 +5,19 @@ turns a source name into param names plus a named transform, or says why it is s
 assembler fills every leaf of `abstract(cfg)`, casts on the way (peak host memory stays near the
 output size), and raises one `CheckpointError` listing every missing, unexpected and mis-shaped
 tensor.
+
+With a device mesh, each leaf is created directly with the `NamedSharding` that
+`gemma.sharding.param_specs` gives it, by `jax.make_array_from_callback`: jax asks only for the
+slices of this process's addressable devices, and each distinct slice is copied (and cast) once
+from the loaded tensor. When a loader returns a memory-mapped tensor (HF safetensors) and the
+transform keeps it a view (transposes, axis splits and `np.split` do), only the owned slices'
+bytes are ever read from disk.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import re
 import sys
 from collections.abc import Callable, Iterable
@@ -110,15 +118,68 @@ def progress(done: int, total: int, what: str = "loading tensors", suffix: str =
     print(line, file=sys.stderr, flush=True)
 
 
+def is_file_backed(a) -> bool:
+  """True when `a` is a view of a memory-mapped file (reading its elements reads the file)."""
+  base = a
+  while isinstance(base, np.ndarray):
+    base = base.base
+  return isinstance(base, mmap.mmap)
+
+
+def host_array(a: np.ndarray, dtype) -> np.ndarray:
+  """`a` cast to `dtype` in memory: one copy at most, and always a copy of a file-backed view
+  (so no leaf aliases a mapped file)."""
+  if is_file_backed(a):
+    return np.array(a, dtype=dtype)
+  return np.asarray(a).astype(dtype, copy=False)
+
+
+def read_slice(a: np.ndarray, index: tuple, dtype) -> np.ndarray:
+  """A copy of `a[index]` cast to `dtype`: the only read of tensor data on the sharded path."""
+  return np.array(a[index], dtype=dtype)
+
+
+def place(a: np.ndarray, shape: tuple[int, ...], sharding, dtype) -> jax.Array:
+  """`a` (of `shape`) as a jax.Array with `sharding`, built slice by slice: each distinct slice
+  that an addressable device owns is read once (`read_slice`), whatever its replication."""
+  slices: dict[tuple, np.ndarray] = {}
+
+  def owned(index: tuple) -> np.ndarray:
+    key = tuple((i.start, i.stop, i.step) if isinstance(i, slice) else i for i in index)
+    if key not in slices:
+      slices[key] = read_slice(a, index, dtype)
+    return slices[key]
+
+  return jax.make_array_from_callback(shape, sharding, owned)
+
+
+def leaf_shardings(tree, mesh) -> dict[str, object]:
+  """{param name: NamedSharding} of every leaf of `tree` on `mesh`, from
+  `gemma.sharding.param_specs` (QArrays: one entry per child, "name.codes", ...)."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  from gemma import sharding
+
+  if not isinstance(mesh, Mesh):
+    raise TypeError(f"mesh must be a jax.sharding.Mesh (see gemma.sharding.make_mesh), "
+                    f"got {type(mesh).__name__}")
+  specs = jax.tree.leaves(sharding.param_specs(tree, dict(mesh.shape)),
+                          is_leaf=lambda x: isinstance(x, PartitionSpec))
+  return {n: NamedSharding(mesh, s) for n, s in zip(leaf_names(tree), specs, strict=True)}
+
+
 def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Loader]],
              mapper: Callable[[str], Mapped | Skip | None], dtype, source: str,
-             finish: Finish | None = None) -> Params:
+             finish: Finish | None = None, mesh=None) -> Params:
   """Builds params from a tensor stream. Raises CheckpointError listing every problem.
 
   Tensors a KV-shared layer does not use (dead K/V copies) are accepted and ignored. `finish`
-  turns each leaf, as soon as it is read, into what is kept (e.g. its quantized form).
+  turns each leaf, as soon as it is read, into what is kept (e.g. its quantized form). With a
+  `mesh` (a `jax.sharding.Mesh`) every leaf is created with its `param_specs` sharding from the
+  slices this process owns (see the module docstring); `finish` then gets sharded arrays.
   """
   tree = abstract(cfg, dtype)
+  shardings = leaf_shardings(tree, mesh) if mesh is not None else None
   leaves, treedef = jax.tree_util.tree_flatten(tree)
   expected = dict(zip(leaf_names(tree), leaves, strict=True))
   shared = {str(s.index) for s in cfg.layers if s.shares_kv}
@@ -152,8 +213,10 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Loader]],
     for target, a in zip(mapped.targets, out if len(shapes) > 1 else [out], strict=True):
       if target in values:
         unexpected.append(f"{name} (second source for {target})")
-      # one host copy at most (jnp.asarray would make two of a numpy array)
-      leaf = jax.device_put(np.asarray(a).astype(dtype, copy=False))
+      if shardings is not None:
+        leaf = place(a, expected[target].shape, shardings[target], dtype)
+      else:  # one host copy at most (jnp.asarray would make two of a numpy array)
+        leaf = jax.device_put(host_array(a, dtype))
       values[target] = finish(target, leaf) if finish else leaf
     del arr, out
   for reason, n in skipped.items():

@@ -17,6 +17,13 @@ metadata before reading data, then restores the whole tree in one StandardCheckp
 straight into arrays of the requested dtype (Orbax/TensorStore cast while reading, so the host
 never holds a second copy). With a `finish` hook (quantize on load) it restores one top-level
 group (the embedding, one layer, ...) at a time instead.
+
+With a device mesh, every leaf is restored straight into its `gemma.sharding.param_specs`
+sharding (QArray children included, placed as `param_specs` says): Orbax asks TensorStore only
+for the slices this process's devices own, and TensorStore reads the stored chunks that overlap
+them. `save_converted` stores chunks of at most CHUNK_BYTES, so a process that owns 1/8 of a large
+weight reads about 1/8 of it; a checkpoint stored with one chunk per array (as earlier versions
+wrote them) is still read whole by every process.
 """
 
 from __future__ import annotations
@@ -35,13 +42,16 @@ import jax
 import numpy as np
 
 from gemma.config import ModelConfig
-from gemma.formats.common import CheckpointError, Finish, log
+from gemma.formats.common import CheckpointError, Finish, leaf_shardings, log
 from gemma.params import Params, abstract, leaf_names
 
 FORMAT = "gemma4-jax-converted"
 VERSION = 1
 CONFIG_FILE = "gemma_config.json"
 PARAMS_DIR = "params"
+# Largest stored chunk: TensorStore reads whole chunks, so a process that owns 1/8 of a weight
+# reads about 1/8 of it (not all of it) only when weights are stored in several chunks.
+CHUNK_BYTES = 16 << 20
 
 
 # ------------------------------------------------------------------------------- config
@@ -141,7 +151,8 @@ def save_converted(out_dir: str | Path, cfg: ModelConfig, params: Params,
                    recipe=None) -> Path:
   """Writes a converted checkpoint directory (see the module docstring). Returns its path.
 
-  `recipe` (a `gemma.quant.Recipe`) marks `params` as quantized by it.
+  `recipe` (a `gemma.quant.Recipe`) marks `params` as quantized by it. Arrays are stored in
+  chunks of at most CHUNK_BYTES (for sharded loading; see `load`).
   """
   import orbax.checkpoint as ocp
 
@@ -156,7 +167,9 @@ def save_converted(out_dir: str | Path, cfg: ModelConfig, params: Params,
   # Uncompressed: zstd saves ~20% of disk on bf16 weights but makes loading CPU-bound.
   checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
   tree = _nested(leaf_names(params), jax.tree.leaves(params))
-  checkpointer.save(out / PARAMS_DIR, args=ocp.args.PyTreeSave(tree), force=force)
+  save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), tree)
+  checkpointer.save(out / PARAMS_DIR, args=ocp.args.PyTreeSave(tree, save_args=save_args),
+                    force=force)
   meta = config_to_dict(cfg)
   if recipe is not None:
     from gemma.quant.recipes import recipe_to_dict
@@ -201,13 +214,15 @@ def read_recipe(path: str | Path):
 
 
 def load(path: str | Path, dtype, cfg: ModelConfig | None = None,
-         finish: Finish | None = None) -> tuple[ModelConfig, Params]:
+         finish: Finish | None = None, mesh=None) -> tuple[ModelConfig, Params]:
   """Loads a converted directory. Returns (config, params cast to dtype).
 
   Bit-exact when `dtype` is the saved dtype; a quantized checkpoint loads its QArrays as stored
   (float leaves cast to `dtype`). `finish` (float checkpoints only) maps each leaf as it is
-  read. Raises CheckpointError naming every missing, unexpected and mis-shaped leaf, or the file
-  that cannot be read.
+  read. With a `mesh` (a `jax.sharding.Mesh`) each leaf is restored with its
+  `gemma.sharding.param_specs` sharding, reading only the chunks that overlap the slices this
+  process owns. Raises CheckpointError naming every missing, unexpected and mis-shaped leaf, or
+  the file that cannot be read.
   """
   import orbax.checkpoint as ocp
 
@@ -236,9 +251,13 @@ def load(path: str | Path, dtype, cfg: ModelConfig | None = None,
     raise CheckpointError(f"{path} does not match config {cfg.name}:\n" + "\n".join(
         f"  {kind}: {', '.join(items)}" for kind, items in
         (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if items))
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = _nested(names, [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
-                           for s in want_leaves])
+  if mesh is None:
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = dict.fromkeys(names, one)
+  else:
+    shardings = leaf_shardings(want, mesh)
+  target = _nested(names, [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings[n])
+                           for n, s in zip(names, want_leaves, strict=True)])
   try:
     flat = _restore_by_group(root, target, finish) if finish else _flat(
         checkpointer.restore(root, target))

@@ -297,14 +297,16 @@ def table(arch: str) -> RegexTable:
 
 
 def load(path: str | Path, dtype, cfg: ModelConfig | None = None,
-         finish: Finish | None = None) -> tuple[ModelConfig, Params]:
+         finish: Finish | None = None, mesh=None) -> tuple[ModelConfig, Params]:
   """Loads a Gemma 3 / Gemma 4 GGUF file. Returns (config, params cast to dtype).
 
   Tensors are dequantized to float32 one at a time and cast on the way (peak host memory stays
   near the output size plus the largest tensor). Tokenizer metadata is not a tensor: see
-  `gemma.tokenizer_gguf.tokenizer_from_gguf`.
+  `gemma.tokenizer_gguf.tokenizer_from_gguf`. With a `mesh`, each process still reads and
+  dequantizes whole tensors (quantized blocks span rows), then puts only the slices its devices
+  own in place (`common.assemble`).
   """
   f = GGUFFile(path)
   cfg = cfg or read_config(f)
   return cfg, assemble(cfg, f.iter_tensors(), table(f.architecture), dtype, source=str(path),
-                       finish=finish)
+                       finish=finish, mesh=mesh)

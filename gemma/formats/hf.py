@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from gemma.config import ModelConfig, from_hf_config
@@ -97,24 +98,68 @@ def safetensors_files(path: Path) -> list[Path]:
   return files
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, Loader]]:
-  """Yields (name, loader) for every tensor, reading lazily one tensor at a time."""
-  from safetensors import safe_open
-
-  for f in files:
-    try:
-      handle = safe_open(str(f), framework="numpy")
-      names = list(handle.keys())
-    except Exception as e:  # truncated or not a safetensors file
-      raise CheckpointError(f"{f}: cannot read safetensors header ({e})") from None
-    for name in names:
-      yield name, (lambda h=handle, n=name, f=f: _read(h, n, f))
+# safetensors dtype tag -> numpy dtype (little-endian; bfloat16 / float8 from ml_dtypes)
+_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+           "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
+           "BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
+           "F8_E5M2": ml_dtypes.float8_e5m2}
 
 
-def _read(handle, name: str, f: Path) -> np.ndarray:
+def read_header(f: Path) -> tuple[int, dict[str, dict]]:
+  """(byte offset of the data section, {name: {"dtype", "shape", "data_offsets"}}) of one
+  safetensors file: an 8-byte little-endian header length N, N bytes of JSON, then the data.
+  Checks every entry against the file size; raises CheckpointError naming the file."""
+  size = f.stat().st_size
   try:
-    return handle.get_tensor(name)
-  except Exception as e:
+    with open(f, "rb") as fh:
+      n = int.from_bytes(fh.read(8), "little")
+      if size < 8 or n > size - 8:
+        raise ValueError(f"header length {n} exceeds the file size {size}")
+      header = json.loads(fh.read(n))
+    if not isinstance(header, dict):
+      raise ValueError("header is not a JSON object")
+    header.pop("__metadata__", None)
+    start = 8 + n
+    for name, entry in header.items():
+      dtype = np.dtype(_DTYPES[entry["dtype"]])
+      begin, end = entry["data_offsets"]
+      count = int(np.prod(entry["shape"], dtype=np.int64))
+      if end - begin != count * dtype.itemsize or begin < 0 or start + end > size:
+        raise ValueError(f"tensor {name!r}: data_offsets {entry['data_offsets']} do not hold "
+                         f"{entry['dtype']}{entry['shape']} within the file ({size} bytes)")
+  except KeyError as e:
+    raise CheckpointError(f"{f}: cannot read safetensors header (unknown dtype or missing "
+                          f"field {e})") from None
+  except (ValueError, TypeError, OSError) as e:  # JSONDecodeError is a ValueError
+    raise CheckpointError(f"{f}: cannot read safetensors header ({e})") from None
+  return start, header
+
+
+def map_tensor(f: Path, start: int, entry: dict) -> np.ndarray:
+  """One tensor of a safetensors file as a read-only memory map (no data is read yet): slicing
+  it, or a view of it, touches only the pages of the slice."""
+  dtype, shape = np.dtype(_DTYPES[entry["dtype"]]), tuple(entry["shape"])
+  count = int(np.prod(shape, dtype=np.int64))
+  if count == 0:  # an empty tensor: nothing to map
+    return np.zeros(shape, dtype)
+  mapped = np.memmap(f, dtype=dtype, mode="r", offset=start + entry["data_offsets"][0],
+                     shape=(count,))
+  return mapped.reshape(shape)
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, Loader]]:
+  """Yields (name, loader) for every tensor; a loader returns the tensor memory-mapped (see
+  `map_tensor`), so nothing is read before the assembler copies the slices it needs."""
+  for f in files:
+    start, header = read_header(f)
+    for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+      yield name, (lambda f=f, s=start, e=entry, n=name: _read(f, s, e, n))
+
+
+def _read(f: Path, start: int, entry: dict, name: str) -> np.ndarray:
+  try:
+    return map_tensor(f, start, entry)
+  except (OSError, ValueError) as e:
     raise CheckpointError(f"{f}: cannot read tensor {name!r} ({e})") from None
 
 
@@ -129,10 +174,15 @@ def read_config(path: Path) -> ModelConfig:
   return from_hf_config(hf, name=path.name)
 
 
-def load(path: Path, dtype, cfg: ModelConfig | None = None,
-         finish: Finish | None = None) -> tuple[ModelConfig, Params]:
+def load(path: Path, dtype, cfg: ModelConfig | None = None, finish: Finish | None = None,
+         mesh=None) -> tuple[ModelConfig, Params]:
   """Loads an HF Gemma directory. Returns (config, params cast to dtype, each passed through
-  `finish` when given)."""
+  `finish` when given).
+
+  Tensors are memory-mapped; with a `mesh` (a `jax.sharding.Mesh`) each leaf is built from the
+  slices this process's devices own, so only those bytes are read (see `common.assemble`).
+  """
   cfg = cfg or read_config(path)
   tensors = iter_safetensors(safetensors_files(path))
-  return cfg, assemble(cfg, tensors, map_name, dtype, source=str(path), finish=finish)
+  return cfg, assemble(cfg, tensors, map_name, dtype, source=str(path), finish=finish,
+                       mesh=mesh)

@@ -332,10 +332,14 @@ def infer_preset(shapes: dict[str, tuple[int, ...]]) -> ModelConfig:
 
 
 def load(path: str | Path, dtype, cfg: ModelConfig | None = None,
-         preset: str | None = None, finish: Finish | None = None) -> tuple[ModelConfig, Params]:
+         preset: str | None = None, finish: Finish | None = None,
+         mesh=None) -> tuple[ModelConfig, Params]:
   """Loads an official Orbax checkpoint. Returns (config, params cast to dtype).
 
   The config is `cfg`, else the preset named `preset`, else the preset inferred from shapes.
+  With a `mesh`, each process still restores whole leaves (stacked leaves are split per layer
+  and fused ones per target, in host memory), then puts only the slices its devices own in place
+  (`common.assemble`).
   """
   path = Path(path)
   names = list_leaves(path)
@@ -348,4 +352,5 @@ def load(path: str | Path, dtype, cfg: ModelConfig | None = None,
     cfg = infer_preset({n: s for n, (_, s, _) in names.items()})
     log(f"{path}: official Orbax checkpoint, config inferred as preset {cfg.name}")
   tensors = iter_leaves(path, cfg, dtype, leaves=names)
-  return cfg, assemble(cfg, tensors, make_mapper(cfg), dtype, source=str(path), finish=finish)
+  return cfg, assemble(cfg, tensors, make_mapper(cfg), dtype, source=str(path), finish=finish,
+                       mesh=mesh)
