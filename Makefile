@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 # The main job: real text from Google's released Gemma 3 270M weights (GGUF, via the `real` extra).
 DEMO_PROMPT ?= The capital of France is
