@@ -366,8 +366,8 @@ def cmd_logits(args) -> int:
 
     from gemma.host_ple import offload
 
-    params, table = offload(params, cfg.ple_vocab_size,
-                            mesh and NamedSharding(mesh, PartitionSpec()))
+    rows_to = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    params, table = offload(params, cfg.ple_vocab_size, rows_to)
     params = table.attach(params, tokens)
   if mesh is not None:
     from gemma.sharding import shard_params

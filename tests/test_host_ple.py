@@ -73,6 +73,8 @@ def test_cli_logits_and_plan(tmp_path, capsys):
   assert main([*args, "--out", str(tmp_path / "a.npy")]) == 0
   assert main([*args, "--out", str(tmp_path / "b.npy"), "--ple-on-host"]) == 0
   np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+  assert main([*args, "--out", str(tmp_path / "c.npy"), "--ple-on-host", "--mesh", "1x1"]) == 0
+  np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "c.npy"))
   capsys.readouterr()
   plan = ["plan", "--preset", "gemma4-e4b", "--mesh", "1x1", "--context", "8192", "--json"]
   assert main(plan) == 0
