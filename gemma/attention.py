@@ -34,12 +34,8 @@ def attend(q: jax.Array, view: KVView, q_pos: jax.Array, *, window: int | None, 
   qg = q.reshape(b, t, kh, n // kh, h)
   # [B, K, G, T, S]
   logits = softcap(view.scores(qg) * scale, cap)
-  k_pos = view.pos
   # [B, T, S]
-  delta = q_pos[:, :, None] - k_pos[:, None, :]
-  mask = (k_pos[:, None, :] >= 0) & (delta >= 0)
-  if window is not None:
-    mask &= delta < window
+  mask = view.visible(q_pos, window)
   logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1)
   # [B, T, K, G, H]

@@ -13,44 +13,19 @@ cache carries the shared rotations (`codec`); attention reads either through a v
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
 from gemma import kv_quant as kv_quant_lib
 from gemma.config import AttentionType, ModelConfig
+from gemma.kv_view import FloatKV, FloatView, scatter, update_float
 from gemma.params import pytree_dataclass
 
-
-@pytree_dataclass
-class LayerCache:
-  k: jax.Array  # [B, S, K, H]
-  v: jax.Array  # [B, S, K, H]
-  pos: jax.Array  # [B, S] int32 absolute position held by each slot, -1 if none
+__all__ = ["FloatView", "KVCache", "KVView", "LayerCache", "init_cache", "scatter",
+           "update_and_view"]
 
 
-@dataclasses.dataclass(frozen=True)
-class FloatView:
-  """Keys and values in floating point: what queries attend to (and KV-shared layers reuse)."""
-
-  k: jax.Array  # [B, S, K, H]
-  v: jax.Array  # [B, S, K, H]
-  pos: jax.Array  # [B, S] key positions, < 0 never attended
-
-  @property
-  def kv_heads(self) -> int:
-    return self.k.shape[2]
-
-  def scores(self, q: jax.Array) -> jax.Array:
-    """q: [B, T, K, G, H] -> logits [B, K, G, T, S] float32 (unscaled)."""
-    return jnp.einsum("btkgh,bskh->bkgts", q, self.k, preferred_element_type=jnp.float32)
-
-  def mix(self, probs: jax.Array) -> jax.Array:
-    """probs: [B, K, G, T, S] float32 -> [B, T, K, G, H] float32."""
-    return jnp.einsum("bkgts,bskh->btkgh", probs.astype(self.v.dtype), self.v,
-                      preferred_element_type=jnp.float32)
-
+LayerCache = FloatKV  # a float layer cache: k, v [B, S, K, H], pos [B, S]
 
 KVView = FloatView | kv_quant_lib.QuantView
 
@@ -105,22 +80,6 @@ def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype=jnp.float32,
                  next_pos=jnp.zeros((batch,), jnp.int32), codec=codec)
 
 
-def scatter(old, new, start: jax.Array, num_columns: jax.Array):
-  """Writes the first `num_columns` columns of `new` at slots `(start + t) % S` of `old`.
-
-  old, new: pytrees with the same structure whose leaves are [B, S, ...] and [B, T, ...];
-  columns >= num_columns are bucket padding. Only the last S valid columns are written (earlier
-  ones would be overwritten in the ring).
-  """
-  s = jax.tree.leaves(old)[0].shape[1]
-  t = jax.tree.leaves(new)[0].shape[1]
-  col = jnp.arange(t)
-  keep = (col < num_columns) & (col >= num_columns - s)
-  # [T] slot per column; S (out of range) drops the write
-  slots = jnp.where(keep, (start + col) % s, s)
-  return jax.tree.map(lambda o, n: o.at[:, slots].set(n.astype(o.dtype), mode="drop"), old, new)
-
-
 def update_and_view(cache, codec: kv_quant_lib.Codec | None, k: jax.Array, v: jax.Array,
                     positions: jax.Array, start: jax.Array, num_columns: jax.Array,
                     q: jax.Array | None = None):
@@ -142,12 +101,4 @@ def update_and_view(cache, codec: kv_quant_lib.Codec | None, k: jax.Array, v: ja
   if isinstance(cache, kv_quant_lib.QuantLayerCache):
     return kv_quant_lib.update_and_view(cache, codec, k, v, positions, start, num_columns,
                                         scatter, q)
-  positions = positions.astype(jnp.int32)
-  k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
-  new = LayerCache(*scatter((cache.k, cache.v, cache.pos), (k, v, positions), start,
-                            num_columns))
-  if k.shape[1] == 1:
-    return FloatView(new.k, new.v, new.pos), new
-  view = FloatView(jnp.concatenate([cache.k, k], axis=1), jnp.concatenate([cache.v, v], axis=1),
-                   jnp.concatenate([cache.pos, positions], axis=1))
-  return view, new
+  return update_float(cache, k, v, positions, start, num_columns)

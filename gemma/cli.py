@@ -20,7 +20,9 @@
                   [--device-memory 80] [--ple-on-host] [--json]   (exit 3 if it does not fit)
 
 RECIPE: tq4, tq3, tq2, tq-mixed (TurboQuant), int8, int4 (g128), nf4, bf16 (gemma.quant.recipes).
-KV: bf16, f32, or a TurboQuant KV cache tq2, tq2.5, tq3, tq3.5, tq4 (gemma.kv_quant).
+KV: bf16, f32, or a TurboQuant KV cache tq2, tq2.5, tq3, tq3.5, tq4 (gemma.kv_quant), each
+    optionally with +sN (positions < N also kept in bfloat16: the attention sink) and +rN (the
+    newest N tokens too), e.g. tq3.5+s1+r128.
 generate --json reports kv_cache_bytes: the bytes of the cache actually allocated.
 """
 
@@ -35,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from gemma.config import PRESETS
-from gemma.kv_quant import CHOICES as KV_CHOICES
+from gemma.kv_quant import parse_kv_cache
 from gemma.quant.recipes import RECIPES
 
 DTYPES = ("float32", "bfloat16")
@@ -75,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="quantize the weights on load with this recipe")
 
   def kv_flag(p):
-    p.add_argument("--kv-quant", choices=list(KV_CHOICES), default=None,
+    p.add_argument("--kv-quant", type=parse_kv_cache, default=None,
                    help="KV cache storage: bf16/f32, or TurboQuant at 2-4 bits per channel "
                         "(default: the activation dtype)")
 
@@ -143,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
   from gemma import cli_scale, cli_train
 
   cli_train.add_parsers(sub, PRESETS, RECIPES)
-  cli_scale.add_parsers(sub, PRESETS, RECIPES, KV_CHOICES)
+  cli_scale.add_parsers(sub, PRESETS, RECIPES)
   for p in (gen, ch, lg, ev):
     p.add_argument("--mesh", default=None, help="DxM device mesh: params sharded by "
                    "gemma.sharding (tensor parallel over model, FSDP over data)")

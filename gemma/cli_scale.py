@@ -16,11 +16,12 @@ import math
 GIB = 1 << 30
 
 
-def add_parsers(sub, presets, recipes, kv_choices) -> None:
+def add_parsers(sub, presets, recipes) -> None:
+  from gemma.kv_quant import parse_kv_cache
   pl = sub.add_parser("plan", help="per-device bytes of weights and KV cache on a device mesh")
   pl.add_argument("--preset", choices=list(presets), required=True)
   pl.add_argument("--quant", choices=list(recipes), default=None)
-  pl.add_argument("--kv-quant", choices=list(kv_choices), default="bf16")
+  pl.add_argument("--kv-quant", type=parse_kv_cache, default="bf16")
   pl.add_argument("--mesh", default="1x1", help="DxM (data x model) or DxMxE")
   pl.add_argument("--context", type=int, required=True, help="cache length in tokens")
   pl.add_argument("--batch", type=int, default=1)

@@ -22,6 +22,11 @@ w² = rms(q)/rms(k) while queries are divided by w (scores unchanged; `query_sca
 carry a large common component and loud channels the queries hardly read; both steps stop them
 from taking the bits (measured in docs/BENCHMARKS.md).
 
+Optionally (`sink`, `recent`; names "tqX+sN+rM"), positions < N and the newest M tokens are also
+kept in bfloat16 and attended exactly (StreamingLLM's attention sink and KIVI's/QJL's recent
+buffer); every key is read from exactly one copy (`QuantView.visible`). Every token is still
+quantized when it arrives, so the codes serve it once it is M positions old.
+
 Attention never rebuilds a key: the query is permuted, rotated (q̂ = Π q) and projected (S q̂)
 once, and scored against the codes (`QuantView.scores`); values are mixed in the rotated basis and
 rotated back once per query (`QuantView.mix`). Both go through `pallas_kernels.registry`
@@ -30,6 +35,7 @@ rotated back once per query (`QuantView.mix`). Both go through `pallas_kernels.r
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import math
@@ -38,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma.kv_view import FloatKV, FloatView, causal_mask, update_float
 from gemma.params import pytree_dataclass
 from gemma.quant import codebook
 from gemma.quant.rotation import gaussian_np, haar_np
@@ -46,6 +53,7 @@ from pallas_kernels.tq_attention import pack_lanes, packed_words, qjl_scale, unp
 
 _HI = jax.lax.Precision.HIGHEST
 NORM_DTYPE = jnp.float16
+EXACT_DTYPE = jnp.bfloat16  # the recent window's and sink's K/V (as in a bf16 cache)
 _F16_MAX = float(jnp.finfo(jnp.float16).max)
 
 
@@ -61,8 +69,13 @@ class KVQuant:
   key_method: str = "prod"  # "prod" (TurboQuant_prod) or "mse" (ablation: biased, lower variance)
   query_scaling: bool = True  # store k ⊙ w and score q ⊘ w, w² = rms(q) / rms(k) per channel
   qjl_rows: str = "orthogonal"  # S of the QJL stage: "orthogonal" (√n·Haar) or "gaussian"
+  recent: int = 0  # also keep the newest `recent` tokens in bfloat16 and attend to those exactly
+  sink: int = 0  # also keep positions < `sink` (the attention sink, BOS) in bfloat16
 
   def __post_init__(self):
+    if self.recent < 0 or self.sink < 0:
+      raise ValueError(f"recent window and sink must be >= 0 tokens, got {self.recent}, "
+                       f"{self.sink}")
     if self.key_method not in ("prod", "mse"):
       raise ValueError(f"key_method must be 'prod' or 'mse', got {self.key_method!r}")
     if self.qjl_rows not in ("orthogonal", "gaussian"):
@@ -106,14 +119,39 @@ FLOAT_CACHES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
 CHOICES = (*FLOAT_CACHES, *KV_QUANTS)  # the values of --kv-quant
 
 
+# Suffixes of a TurboQuant width: "+rN" keeps the newest N tokens also in bfloat16 (`recent`),
+# "+sN" positions < N (the attention sink; `sink`): "tq3.5+s1+r128".
+EXACT_SUFFIXES = {"r": "recent", "s": "sink"}
+
+
 def get_kv_quant(name: str | KVQuant) -> KVQuant:
+  """A TurboQuant width by name: one of KV_QUANTS, optionally with "+sN" (positions < N kept in
+  bfloat16) and "+rN" (the newest N tokens kept in bfloat16); ValueError naming the problem."""
   if isinstance(name, KVQuant):
     return name
-  try:
-    return KV_QUANTS[name]
-  except KeyError:
-    raise ValueError(f"unknown KV-cache quantization {name!r}; "
-                     f"valid: {', '.join(CHOICES)}") from None
+  base, *extras = name.split("+")
+  if base not in KV_QUANTS:
+    raise ValueError(f"unknown KV-cache quantization {name!r}; valid: {', '.join(CHOICES)}; "
+                     "a TurboQuant width may add +sN (positions < N also kept in bfloat16: the "
+                     "attention sink) and +rN (the newest N tokens too), e.g. tq3.5+s1+r128")
+  fields = {}
+  for extra in extras:
+    key, count = EXACT_SUFFIXES.get(extra[:1]), extra[1:]
+    if key is None or key in fields or not count.isdigit() or int(count) < 1:
+      raise ValueError(f"{name!r}: after the width, each of +sN (sink) and +rN (recent window) "
+                       f"may appear once with N a positive number of tokens; got '+{extra}'")
+    fields[key] = int(count)
+  return dataclasses.replace(KV_QUANTS[base], name=name, **fields) if fields else KV_QUANTS[base]
+
+
+def parse_kv_cache(name: str) -> str:
+  """argparse `type` of --kv-quant: a float cache or a valid TurboQuant width name."""
+  if name not in FLOAT_CACHES:
+    try:
+      get_kv_quant(name)
+    except ValueError as e:
+      raise argparse.ArgumentTypeError(str(e)) from None
+  return name
 
 
 @functools.lru_cache(maxsize=64)
@@ -196,6 +234,8 @@ class QuantLayerCache:
   k_mean: jax.Array | None = None  # [B, K, H] float32 subtracted before quantizing; None: off
   v_mean: jax.Array | None = None
   k_scale: jax.Array | None = None  # [B, K, H] float32 w: keys are stored as k ⊙ w; None: off
+  recent: FloatKV | None = None  # the newest spec.recent tokens in bfloat16 (a ring); None: off
+  sink: FloatKV | None = None  # positions < spec.sink in bfloat16 (slot = position); None: off
 
 
 def _zeros_part(b, s, k, n, bits, qjl) -> PartCodes:
@@ -218,9 +258,15 @@ def init_layer(spec: KVQuant, batch: int, slots: int, kv_heads: int, head_dim: i
   perm = lambda: (jnp.broadcast_to(jnp.arange(head_dim, dtype=jnp.int32), shape) + 0  # noqa: E731
                   if spec.parts > 1 else None)
   mean = lambda: jnp.zeros(shape, jnp.float32) if spec.center else None  # noqa: E731
+  def exact(n):  # a bfloat16 buffer of n slots
+    shape = (batch, n, kv_heads, head_dim)
+    return FloatKV(k=jnp.zeros(shape, EXACT_DTYPE), v=jnp.zeros(shape, EXACT_DTYPE),
+                   pos=jnp.full(shape[:2], -1, jnp.int32)) if n else None
+
   return QuantLayerCache(k=k, v=v, pos=jnp.full((batch, slots), -1, jnp.int32), k_perm=perm(),
                          v_perm=perm(), k_mean=mean(), v_mean=mean(),
-                         k_scale=jnp.ones(shape, jnp.float32) if spec.query_scaling else None)
+                         k_scale=jnp.ones(shape, jnp.float32) if spec.query_scaling else None,
+                         recent=exact(min(spec.recent, slots)), sink=exact(spec.sink))
 
 
 # ----------------------------------------------------------------------------- quantize
@@ -331,10 +377,30 @@ class QuantView:
   v_mean: jax.Array | None
   k_scale: jax.Array | None
   codec: Codec
+  recent: FloatView | None = None  # the newest tokens in bfloat16: after the codes' slots
+  sink: FloatView | None = None  # the first tokens in bfloat16: after the recent window's slots
 
   @property
   def kv_heads(self) -> int:
     return self.k[0].norm.shape[2]
+
+  def visible(self, q_pos: jax.Array, window: int | None) -> jax.Array:
+    """[B, T, S (+ R) (+ P)] bool: which slots each query reads, every key from one copy.
+
+    Positions < spec.sink come from the sink buffer (slots after the recent window's), keys
+    fewer than spec.recent positions back from the recent window (slots after the codes'), the
+    rest from the codes."""
+    spec = self.codec.spec
+    # [B, T, S]
+    mask = causal_mask(q_pos, self.pos, window) & (self.pos[:, None, :] >= spec.sink)
+    masks = [mask]
+    if self.recent is not None:
+      mask &= q_pos[:, :, None] - self.pos[:, None, :] >= spec.recent
+      masks = [mask, self.recent.visible(q_pos, min(spec.recent, window or spec.recent))
+               & (self.recent.pos[:, None, :] >= spec.sink)]
+    if self.sink is not None:
+      masks.append(self.sink.visible(q_pos, window))
+    return jnp.concatenate(masks, axis=-1)
 
   def _n(self, head_dim: int) -> int:
     return head_dim // self.codec.spec.parts
@@ -363,10 +429,18 @@ class QuantView:
     if self.k_mean is not None:  # ⟨q, μ_k⟩: the same for every key of a query
       total = total + jnp.einsum("btkgh,bkh->bkgt", q.astype(jnp.float32), self.k_mean,
                                  precision=_HI)[..., None]
-    return total
+    exact = [v.scores(q) for v in (self.recent, self.sink) if v is not None]
+    return jnp.concatenate([total, *exact], axis=-1) if exact else total
 
   def mix(self, probs: jax.Array) -> jax.Array:
-    """Σ_s probs · ṽ_s. probs: [B, K, G, T, S] -> [B, T, K, G, H] float32."""
+    """Σ_s probs · ṽ_s. probs: [B, K, G, T, S (+ R)] -> [B, T, K, G, H] float32."""
+    exact_out, start = 0, self.pos.shape[1]
+    for view in (self.recent, self.sink):
+      if view is not None:
+        end = start + view.pos.shape[1]
+        exact_out = exact_out + view.mix(probs[..., start:end])
+        start = end
+    probs = probs[..., :self.pos.shape[1]]
     b, kh, g, t, s = probs.shape
     p = jnp.transpose(probs, (0, 1, 3, 2, 4)).reshape(b, kh, t * g, s).astype(jnp.float32)
     outs = []
@@ -382,9 +456,12 @@ class QuantView:
     if self.v_perm is not None:
       inverse = jnp.argsort(self.v_perm, axis=-1)
       out = _permute(out, inverse)
-    if self.v_mean is not None:  # Σ_s probs = 1, so the mean comes back whole
-      out = out + self.v_mean[:, None, :, None, :]
-    return out
+    if self.v_mean is not None:  # Σ_s probs · μ_v (= μ_v without a recent window)
+      # [B, K, G, T] -> [B, T, K, G, 1]
+      # [B, K, G, T] -> [B, T, K, G, 1]
+      mass = jnp.transpose(jnp.sum(probs, axis=-1), (0, 3, 1, 2))[..., None]
+      out = out + mass * self.v_mean[:, None, :, None, :]
+    return out + exact_out
 
   def dequantized(self):
     """(k̃, ṽ) [B, S, K, H] float32: the reference the attention on codes must match."""
@@ -403,6 +480,20 @@ class QuantView:
             rebuild(self.v, self.v_perm, self.v_mean, None, False))
 
 
+def store_sink(buf: FloatKV, k: jax.Array, v: jax.Array, positions: jax.Array,
+               num_columns: jax.Array) -> FloatKV:
+  """Writes the K/V [B, T, K, H] of positions < P into slot = position of the sink buffer
+  [B, P, ...] (written once, so a multi-token call may read the updated buffer)."""
+  p = buf.pos.shape[1]
+  col = jnp.arange(k.shape[1])[None, :]
+  keep = (positions >= 0) & (positions < p) & (col < num_columns)
+  # [B, T] slot per column; P (out of range) drops the write
+  slots = jnp.where(keep, positions, p)
+  rows = jnp.broadcast_to(jnp.arange(k.shape[0])[:, None], slots.shape)
+  put = lambda old, new: old.at[rows, slots].set(new.astype(old.dtype), mode="drop")  # noqa: E731
+  return FloatKV(put(buf.k, k), put(buf.v, v), put(buf.pos, positions.astype(jnp.int32)))
+
+
 def _concat(old, new):
   return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), old, new)
 
@@ -419,6 +510,12 @@ def update_and_view(cache: QuantLayerCache, codec: Codec, k: jax.Array, v: jax.A
   queries [B, T, K, G, H] (for query scaling; None keeps the cache's scale).
   """
   spec = codec.spec
+  recent_view = recent = sink_view = sink = None
+  if cache.recent is not None:
+    recent_view, recent = update_float(cache.recent, k, v, positions, start, num_columns)
+  if cache.sink is not None:
+    sink = store_sink(cache.sink, k, v, positions, num_columns)
+    sink_view = FloatView(sink.k, sink.v, sink.pos)
   valid = (positions >= 0) & (jnp.arange(k.shape[1])[None, :] < num_columns)
   first = start == 0
   k_mean, v_mean = cache.k_mean, cache.v_mean
@@ -440,10 +537,11 @@ def update_and_view(cache: QuantLayerCache, codec: Codec, k: jax.Array, v: jax.A
                         pos=positions.astype(jnp.int32), **fixed)
   slot_major = lambda c: (c.k, c.v, c.pos)  # noqa: E731
   stored = QuantLayerCache(*write(slot_major(cache), slot_major(new), start, num_columns),
-                           **fixed)
+                           **fixed, recent=recent, sink=sink)
   src = stored if k.shape[1] == 1 else QuantLayerCache(
       *_concat(slot_major(cache), slot_major(new)), **fixed)
-  return QuantView(k=src.k, v=src.v, pos=src.pos, codec=codec, **fixed), stored
+  return QuantView(k=src.k, v=src.v, pos=src.pos, codec=codec, recent=recent_view,
+                   sink=sink_view, **fixed), stored
 
 
 def vector_bytes(spec: KVQuant, head_dim: int) -> int:

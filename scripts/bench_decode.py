@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from gemma import config as C  # noqa: E402
 from gemma import params as P  # noqa: E402
 from gemma.decode import generate  # noqa: E402
-from gemma.kv_quant import CHOICES as KV_CHOICES  # noqa: E402
+from gemma.kv_quant import parse_kv_cache  # noqa: E402
 from gemma.quant.footprint import kv_cache_bytes, quantized_abstract, size_report  # noqa: E402
 from gemma.quant.qarray import QArray  # noqa: E402
 from gemma.quant.recipes import RECIPES, get_recipe  # noqa: E402
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
   ap.add_argument("--preset", required=True, choices=list(C.PRESETS))
   ap.add_argument("--quant", default="bf16", choices=list(RECIPES),
                   help="weight recipe (bf16: no quantization)")
-  ap.add_argument("--kv-quant", default=None, choices=list(KV_CHOICES),
+  ap.add_argument("--kv-quant", default=None, type=parse_kv_cache,
                   help="KV cache storage (default: the activation dtype)")
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--context", type=int, default=1024, help="prompt tokens before decoding")

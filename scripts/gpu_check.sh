@@ -5,7 +5,7 @@
 #   2. bench_kernels.py --check compiled on the GPU,
 #   3. the kernel benchmark tables (Gemma 4 31B / E4B layer shapes, 4 and 2 bits),
 #   4. decode speed (random weights): gemma4-e4b at bf16 and tq4, gemma4-31b at tq4, and
-#      gemma4-e4b tq4 at 8K context with a bf16 and a tq3.5 KV cache.
+#      gemma4-e4b tq4 at 8K context with a bf16, a tq3.5 and a tq3.5+s1+r128 KV cache.
 # Everything goes to stdout and, when $OUT is set, to $OUT/gpu_check.txt (+ JSON files).
 # Usage (repository root): bash scripts/gpu_check.sh      [PYTHON=python3]
 set -uo pipefail
@@ -34,7 +34,8 @@ step 60 "KV attention kernel tests (compiled)" "$PY" -m pytest -q -x -p no:cache
 step 45 "bench_kernels --check (compiled)" "$PY" scripts/bench_kernels.py --check --device gpu
 step 120 "kernel benchmark" "$PY" scripts/bench_kernels.py --device gpu --bits 4 2 --json
 for run in "gemma4-e4b bf16 1024 bf16" "gemma4-e4b tq4 1024 bf16" "gemma4-31b tq4 1024 bf16" \
-           "gemma4-e4b tq4 8192 bf16" "gemma4-e4b tq4 8192 tq3.5"; do
+           "gemma4-e4b tq4 8192 bf16" "gemma4-e4b tq4 8192 tq3.5" \
+           "gemma4-e4b tq4 8192 tq3.5+s1+r128"; do
   set -- $run
   step 40 "decode $1 $2 context $3 kv $4" "$PY" scripts/bench_decode.py --preset "$1" \
     --quant "$2" --context "$3" --kv-quant "$4" --new-tokens 32 --json

@@ -58,6 +58,82 @@ def test_attention_on_codes_equals_dequantize_then_attend(name, head_dim):
   assert rel < {"tq2": 0.5, "tq2.5": 0.4, "tq3": 0.3, "tq3.5": 0.25, "tq4": 0.2}.get(name, 0.25)
 
 
+@pytest.mark.parametrize("name,window", [("tq3+r5", None), ("tq3+r5", 6), ("tq3+s2+r5", 6),
+                                         ("tq3+s2", None)])
+def test_exact_sink_and_recent_window_with_codes_for_the_rest(name, window):
+  """tq3+s2+r5: a query reads keys fewer than 5 positions back and positions < 2 from the
+  bfloat16 copies and the rest from the codes, over a prefill and the decode steps after it
+  (ring of 5 wrapping)."""
+  h, t0, steps = 64, 9, 4
+  q, k, v = _qkv(5, 2, t0 + steps, 2, 2, h)
+  pos = jnp.broadcast_to(jnp.arange(t0 + steps), (2, t0 + steps)).astype(jnp.int32)
+  spec = KQ.get_kv_quant(name)
+  codec = KQ.make_codec(spec, [h])
+  layer = KQ.init_layer(spec, 2, 16, 2, h)
+  if spec.recent:
+    assert layer.recent.k.shape == (2, 5, 2, h) and layer.recent.k.dtype == jnp.bfloat16
+  if spec.sink:
+    assert layer.sink.k.shape == (2, 2, 2, h)
+  qg = lambda a, b: q[:, a:b].reshape(2, b - a, 2, 2, h)  # noqa: E731
+  view, layer = KQ.update_and_view(layer, codec, k[:, :t0], v[:, :t0], pos[:, :t0],
+                                   jnp.int32(0), jnp.int32(t0), C.scatter, qg(0, t0))
+  outs = [attend(q[:, :t0], view, pos[:, :t0], window=window, scale=h ** -0.5)]
+  for i in range(t0, t0 + steps):
+    view, layer = KQ.update_and_view(layer, codec, k[:, i:i + 1], v[:, i:i + 1], pos[:, i:i + 1],
+                                     jnp.int32(i), jnp.int32(1), C.scatter)
+    outs.append(attend(q[:, i:i + 1], view, pos[:, i:i + 1], window=window, scale=h ** -0.5))
+  out = jnp.concatenate(outs, axis=1)
+  # reference: every key rebuilt from its codes, except the newest 5 of each query, which are
+  # the bfloat16 originals (mixed as a bf16 cache mixes: probabilities rounded to bfloat16)
+  kd, vd = view.dequantized()  # [B, 16, K, H]: the stored codes of positions 0..12
+  slot = list(np.asarray(view.pos[0]))
+  kd, vd = (jnp.stack([x[:, slot.index(p)] for p in range(t0 + steps)], 1) for x in (kd, vd))
+  kb, vb = (x.astype(jnp.bfloat16).astype(jnp.float32) for x in (k, v))
+  # [B, T, S] per query/key
+  delta = pos[:, :, None] - pos[:, None, :]
+  recent = ((delta < spec.recent) | (pos[:, None, :] < spec.sink))[:, None, None]
+  seen = ((delta >= 0) & (delta < (window or 99)))[:, None, None]
+  qh = q.reshape(2, t0 + steps, 2, 2, h)
+  logits = jnp.where(recent, jnp.einsum("btkgh,bskh->bkgts", qh, kb),
+                     jnp.einsum("btkgh,bskh->bkgts", qh, kd)) * h ** -0.5
+  probs = jax.nn.softmax(jnp.where(seen, logits, -1e30), axis=-1)
+  p_new = jnp.where(recent, probs, 0).astype(jnp.bfloat16).astype(jnp.float32)
+  ref = (jnp.einsum("bkgts,bskh->btkgh", jnp.where(recent, 0, probs), vd)
+         + jnp.einsum("bkgts,bskh->btkgh", p_new, vb)).reshape(out.shape)
+  assert np.max(np.abs(np.asarray(out - ref))) < 1e-4 * np.max(np.abs(np.asarray(ref)))
+  exact = attend(q, C.FloatView(k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), pos), pos,
+                 window=window, scale=h ** -0.5)
+  # the first queries see only exact keys: a bf16 cache's output
+  n = max(spec.recent, spec.sink)
+  assert np.max(np.abs(np.asarray(out[:, :n] - exact[:, :n]))) < 1e-5
+
+
+def test_recent_window_or_sink_longer_than_the_context_equals_a_bf16_cache():
+  cfg, p = _cfg(), _params()
+  tokens = jnp.asarray(np.random.default_rng(6).integers(0, cfg.vocab_size, (2, 10)), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(10), (2, 10)).astype(jnp.int32)
+  fwd = jax.jit(functools.partial(model.forward, cfg=cfg))
+  out = {}
+  for kind in ("bf16", "tq2+r16", "tq2+s10"):
+    _, cache = fwd(p, tokens[:, :6], pos[:, :6], cache=C.init_cache(cfg, 2, 16, kv_quant=kind))
+    out[kind], _ = fwd(p, tokens[:, 6:], pos[:, 6:], cache=cache)
+  for kind in ("tq2+r16", "tq2+s10"):
+    np.testing.assert_allclose(np.asarray(out[kind]), np.asarray(out["bf16"]), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_sink_and_window_with_a_left_padded_batch_equal_single_runs():
+  """The sink is per row (slot = position): left padding moves every row's BOS elsewhere."""
+  from gemma.decode import generate
+
+  cfg, p = _cfg(), _params()
+  rng = np.random.default_rng(7)
+  prompts = [list(rng.integers(3, cfg.vocab_size, n)) for n in (3, 9)]
+  batch = generate(p, cfg, prompts, 6, eos_ids=(), kv_quant="tq3+s1+r3")
+  for prompt, got in zip(prompts, batch.tokens, strict=True):
+    assert got == generate(p, cfg, [prompt], 6, eos_ids=(), kv_quant="tq3+s1+r3").tokens[0]
+
+
 def test_error_falls_with_width():
   q, k, v = _qkv(1, 1, 64, 2, 4, 256)
   pos = jnp.arange(64)[None].astype(jnp.int32)
@@ -107,7 +183,7 @@ def _params():
   return params.init(jax.random.PRNGKey(0), _cfg(), jnp.float32, std=0.3)
 
 
-@pytest.mark.parametrize("name", ["tq2.5", "tq3", "tq3.5-mse"])
+@pytest.mark.parametrize("name", ["tq2.5", "tq3", "tq3.5-mse", "tq3+s1+r3"])
 def test_chunked_prefill_equals_streaming_decode(name):
   """Each query sees stored (quantized) K/V, its own included: a chunk == tokens one by one,
   across ring wrap-around (window 4), KV-shared layers and global layers."""
@@ -165,7 +241,8 @@ def _allocated(tree) -> int:
   return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("kind", [None, "bf16", *WIDTHS, "tq4-mse"])
+@pytest.mark.parametrize("kind", [None, "bf16", *WIDTHS, "tq4-mse", "tq3.5+s1+r128", "tq2+r5",
+                                  "tq4+s3"])
 def test_cache_bytes_match_the_formula(kind):
   for cfg, batch, length in ((_cfg(), 2, 40), (config.get_preset("gemma4-31b"), 1, 8192),
                              (config.get_preset("gemma4-e4b"), 3, 2048)):
@@ -194,11 +271,18 @@ def test_bad_widths_are_named():
     C.init_cache(tiny("gemma4-31b", head_dim=32, global_head_dim=64), 1, 8, kv_quant="tq3.5")
   with pytest.raises(ValueError, match="key_method"):
     dataclasses.replace(KQ.KV_QUANTS["tq3"], key_method="qjl")
+  for bad in ("tq3.5+r0", "tq3.5+rx", "tq3.5+r", "tq3.5+r4+r8", "tq3.5+q4"):
+    with pytest.raises(ValueError, match="each of \\+sN \\(sink\\) and \\+rN"):
+      KQ.get_kv_quant(bad)
+  with pytest.raises(ValueError, match="unknown KV-cache quantization 'tq9\\+r4'"):
+    KQ.get_kv_quant("tq9+r4")
+  spec = KQ.get_kv_quant("tq3.5-mse+r64+s2")
+  assert (spec.recent, spec.sink, spec.key_method) == (64, 2, "mse")
 
 
 def test_generate_json_reports_kv_cache_bytes(capsys):
   ckpt = fixture_dir("dense_keqv")  # head dims 32 and 64: every integer width packs
-  for kind in ("tq4", "tq2", "bf16"):
+  for kind in ("tq4", "tq2", "bf16", "tq3+s1+r4"):
     assert cli.main(["generate", "--checkpoint", ckpt, "--prompt-ids", "2,17,5,9",
                      "--max-new-tokens", "3", "--kv-quant", kind, "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

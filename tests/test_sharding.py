@@ -33,6 +33,19 @@ def test_31b_placement_on_1x8():
   assert specs.final_norm == P(None)
 
 
+def test_turboquant_cache_with_sink_and_window_splits_by_kv_heads():
+  from gemma.cache import init_cache
+
+  cfg = C.get_preset("gemma4-31b")
+  local = next(s for s in cfg.layers if s.attention is C.AttentionType.LOCAL)
+  cache = jax.eval_shape(lambda: init_cache(cfg, 2, 2048, kv_quant="tq3.5+s1+r128"))
+  specs = sharding.cache_specs(cache, {"data": 2, "model": 8})
+  layer = specs.layers[local.index]  # 16 KV heads: 8-way
+  assert layer.recent.k == layer.sink.v == P("data", None, "model", None)
+  assert layer.recent.pos == layer.sink.pos == P("data", None)
+  assert layer.k[0].codes == P("data", None, "model", None)
+
+
 def test_fsdp_and_expert_axes():
   cfg = C.get_preset("gemma4-26b-a4b")
   specs = sharding.param_specs(Params.abstract(cfg), {"data": 2, "model": 4, "expert": 8})

@@ -103,9 +103,10 @@ def kv_cache_bytes(cfg: C.ModelConfig, context: int, batch: int = 1, itemsize: i
                    kv_quant=None) -> int:
   """Bytes `gemma.cache.init_cache(cfg, batch, context, kv_quant=...)` allocates (every leaf).
 
-  kv_quant: None (K/V of `itemsize` bytes), "bf16" / "f32", or a TurboQuant width ("tq3.5", or a
-  `gemma.kv_quant.KVQuant`): codes, signs and float16 norms per slot, the per-row means, scales
-  and channel orders, and the shared rotations.
+  kv_quant: None (K/V of `itemsize` bytes), "bf16" / "f32", or a TurboQuant width ("tq3.5",
+  "tq3.5+s1+r128", or a `gemma.kv_quant.KVQuant`): codes, signs and float16 norms per slot, the
+  per-row means, scales and channel orders, the bfloat16 sink and recent window, and the shared
+  rotations.
   """
   spec = None
   if isinstance(kv_quant, str) and kv_quant in kvq.FLOAT_CACHES:
@@ -127,22 +128,25 @@ def kv_cache_bytes(cfg: C.ModelConfig, context: int, batch: int = 1, itemsize: i
     total += batch * slots * k * kvq.vector_bytes(spec, h)
     per_row = 2 * (spec.parts > 1) + 2 * spec.center + spec.query_scaling  # [K, H] f32 arrays
     total += per_row * batch * k * h * 4
+    # bfloat16 K/V and positions of the newest tokens and of the sink
+    exact = min(spec.recent, slots) + spec.sink
+    total += batch * exact * (2 * k * h * jnp.dtype(kvq.EXACT_DTYPE).itemsize + 4)
   if spec is not None:
     total += kvq.codec_bytes(spec, head_dims)
   return total
 
 
 def kv_table(presets=("gemma4-31b", "gemma4-e4b"), contexts=(8192, 131_072),
-             kinds=("bf16", *kvq.WIDTHS)) -> str:
+             kinds=("bf16", *kvq.WIDTHS, "tq3.5+s1+r128")) -> str:
   """A text table: KV cache GiB and bytes per token (batch 1) at each context, from shapes."""
-  lines = [f"{'preset':<14}{'kv':<8}{'bits/ch':>8}" + "".join(
+  lines = [f"{'preset':<14}{'kv':<15}{'bits/ch':>8}" + "".join(
       f"{'GiB@' + str(c):>12}{'B/tok@' + str(c):>14}" for c in contexts)]
   for name in presets:
     cfg = C.get_preset(name)
     for kind in kinds:
       bits = 16.0 if kind == "bf16" else kvq.bits_per_channel(
           kvq.get_kv_quant(kind), cfg.global_head_dim or cfg.head_dim)
-      row = f"{name:<14}{kind:<8}{bits:>8.3f}"
+      row = f"{name:<14}{kind:<15}{bits:>8.3f}"
       for c in contexts:
         b = kv_cache_bytes(cfg, c, kv_quant=kind)
         row += f"{b / GIB:>12.3f}{b / c:>14,.0f}"
