@@ -476,7 +476,8 @@ def test_quantized_gguf_checkpoint_keeps_its_tokenizer(gguf_path, tokenizer, tmp
 @pytest.mark.slow
 def test_needle_in_a_haystack_with_a_turboquant_cache(model, tokenizer):
   """2K-token haystack (data/alice_in_wonderland.txt) with a code at half depth: the greedy
-  answer with TurboQuant caches equals the bf16 cache's, and finds the code."""
+  answer with tq3.5 caches (plain and with sink + window) equals the bf16 cache's, and finds the
+  code."""
   from gemma.decode import generate
   from gemma.evaluate import NEEDLE_ANSWER, needle_prompt
 
@@ -484,29 +485,27 @@ def test_needle_in_a_haystack_with_a_turboquant_cache(model, tokenizer):
   text = (Path(__file__).resolve().parent.parent / "data" / "alice_in_wonderland.txt").read_text()
   prompt = needle_prompt(tokenizer, tokenizer.encode(text, add_bos=False), 2048)
   answers = {}
-  for kind in ("bf16", "tq4", "tq3.5", "tq3.5+s1+r128"):
+  for kind in ("bf16", "tq3.5", "tq3.5+s1+r128"):  # tq4 and the others: docs/BENCHMARKS.md
     g = generate(params, cfg, [prompt], 8, kv_quant=kind, eos_ids=[])
     answers[kind] = g.tokens[0]
   assert NEEDLE_ANSWER in tokenizer.decode(answers["bf16"])
-  assert answers["tq4"] == answers["bf16"] and answers["tq3.5"] == answers["bf16"]
-  assert answers["tq3.5+s1+r128"] == answers["bf16"]
+  assert answers["tq3.5"] == answers["bf16"] and answers["tq3.5+s1+r128"] == answers["bf16"]
 
 
 @pytest.mark.slow
 def test_turboquant_cache_with_sink_and_window_is_within_one_percent(model, tokenizer):
   """The issue's quality target on the real weights (first 1,023 tokens of
   data/alice_in_wonderland.txt, one window, seed 0): tq3.5 with the BOS sink and the newest 128
-  tokens also in bfloat16 scores a perplexity within 1 % of the bf16 cache; the purely streaming
-  tq3.5 does not (docs/BENCHMARKS.md has the 3-seed numbers)."""
+  tokens also in bfloat16 scores a perplexity within 1 % of the bf16 cache (the purely streaming
+  tq3.5 loses +9.4 % ± 1.2: docs/BENCHMARKS.md has the 3-seed numbers of every width)."""
   from gemma.evaluate import evaluate_many
 
   cfg, params = model
   text = (Path(__file__).resolve().parent.parent / "data" / "alice_in_wonderland.txt").read_text()
   ids = tokenizer.encode(text, add_bos=False)[:1023]
-  kinds = {"tq3.5+s1+r128": "tq3.5+s1+r128", "tq3.5": "tq3.5"}
+  kinds = {"tq3.5+s1+r128": "tq3.5+s1+r128"}
   res = evaluate_many({k: params for k in kinds}, cfg, ids, 1024, reference=params,
                       bos_id=tokenizer.bos_id, show_progress=False, kv_quants=kinds,
                       reference_kv_quant="bf16")
   delta = {k: r.perplexity / r.reference_perplexity - 1 for k, r in res.items()}
   assert delta["tq3.5+s1+r128"] < 0.01, delta
-  assert delta["tq3.5"] > 0.03, delta
