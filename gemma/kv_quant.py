@@ -433,7 +433,7 @@ class QuantView:
     return jnp.concatenate([total, *exact], axis=-1) if exact else total
 
   def mix(self, probs: jax.Array) -> jax.Array:
-    """Σ_s probs · ṽ_s. probs: [B, K, G, T, S (+ R)] -> [B, T, K, G, H] float32."""
+    """Σ_s probs · ṽ_s. probs: [B, K, G, T, S (+ R) (+ P)] -> [B, T, K, G, H] float32."""
     exact_out, start = 0, self.pos.shape[1]
     for view in (self.recent, self.sink):
       if view is not None:
@@ -456,8 +456,7 @@ class QuantView:
     if self.v_perm is not None:
       inverse = jnp.argsort(self.v_perm, axis=-1)
       out = _permute(out, inverse)
-    if self.v_mean is not None:  # Σ_s probs · μ_v (= μ_v without a recent window)
-      # [B, K, G, T] -> [B, T, K, G, 1]
+    if self.v_mean is not None:  # Σ_s probs · μ_v over the codes' slots (all of them: μ_v)
       # [B, K, G, T] -> [B, T, K, G, 1]
       mass = jnp.transpose(jnp.sum(probs, axis=-1), (0, 3, 1, 2))[..., None]
       out = out + mass * self.v_mean[:, None, :, None, :]
