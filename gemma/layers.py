@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from gemma.config import RopeConfig, rope_inv_freq
 from gemma.lora import LoraWeight, delta_einsum
+from gemma.quant.probe import Probe, note_output, observe_einsum, observe_grouped
 from gemma.quant.qarray import QArray
 from gemma.quant.qarray import einsum as quantized_einsum
 from gemma.quant.qarray import ragged_dot as quantized_ragged_dot
@@ -23,8 +24,14 @@ def einsum(spec: str, x: jax.Array, w, out_dtype=None) -> jax.Array:
   A quantized weight (`gemma.quant.QArray`) runs as (Π x) · (scale ⊙ table[code]): the activation
   is rotated once per input block, the weight is never rotated back (gemma/quant/qarray.py).
   A `gemma.lora.LoraWeight` adds its low-rank update (x A) B on top of its (float or quantized)
-  base.
+  base. A `gemma.quant.probe.Probe` runs as its weight and records its inputs (calibration).
   """
+  if isinstance(w, Probe):
+    observe_einsum(spec, x, w)
+    out = einsum(spec, x, w.weight, jnp.float32)
+    note_output(w, out)
+    out = out if w.tap is None else out + w.tap
+    return out.astype(out_dtype or x.dtype)
   if isinstance(w, LoraWeight):
     out = einsum(spec, x, w.base, jnp.float32) + w.scale * delta_einsum(spec, x, w.a, w.b)
     return out.astype(out_dtype or x.dtype)
@@ -36,6 +43,11 @@ def einsum(spec: str, x: jax.Array, w, out_dtype=None) -> jax.Array:
 
 def ragged_dot(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
   """Grouped matmul: rows of x [M, D] in consecutive groups times w [G, D, O] -> [M, O]."""
+  if isinstance(w, Probe):
+    observe_grouped(x, w, group_sizes)
+    out = ragged_dot(x, w.weight, group_sizes)
+    note_output(w, out)
+    return out if w.tap is None else (out + w.tap).astype(out.dtype)
   if isinstance(w, QArray):
     return quantized_ragged_dot(x, w, group_sizes)
   out = jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes, preferred_element_type=jnp.float32)

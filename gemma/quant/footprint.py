@@ -55,7 +55,7 @@ def quantized_abstract(cfg: C.ModelConfig, recipe: Recipe | str, dtype=jnp.bfloa
 
   def one(path, leaf):
     name = P.path_name(path)
-    spec = recipe.spec_for(tensor_class(name))
+    spec = recipe.spec_of(name)
     if spec is None:
       return jax.ShapeDtypeStruct(leaf.shape, float_dtype)
     return abstract_qarray(tuple(leaf.shape), jnp.dtype(dtype).name, spec, layout_of(name))

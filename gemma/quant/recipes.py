@@ -58,14 +58,28 @@ def layout_of(name: str) -> Layout:
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-  """A quantizer per tensor class (absent: keep float) and the dtype of what stays float."""
+  """A quantizer per tensor class (absent: keep float) and the dtype of what stays float.
+
+  tensors: per-tensor overrides by dotted leaf name (bit allocation): (name, spec or None for
+  float), taking precedence over the class's spec. calibration: how the weights were calibrated
+  (a record for the checkpoint's config; the stored format does not depend on it).
+  """
 
   name: str
   specs: tuple[tuple[str, QuantSpec], ...] = ()
   float_dtype: str = "bfloat16"
+  tensors: tuple[tuple[str, QuantSpec | None], ...] = ()
+  calibration: str = ""
 
   def spec_for(self, cls: str | None) -> QuantSpec | None:
     return dict(self.specs).get(cls)
+
+  def spec_of(self, name: str) -> QuantSpec | None:
+    """The quantizer of the params leaf `name` (override, else its class's), None: float."""
+    overrides = dict(self.tensors)
+    if name in overrides:
+      return overrides[name]
+    return self.spec_for(tensor_class(name))
 
 
 def tq(bits: int, **kw) -> QuantSpec:
@@ -110,6 +124,26 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+def _family(base: str, block: int) -> QuantSpec:
+  if base == "nf4":
+    return QuantSpec(method="nf4", bits=4, block=block, rotation="none")
+  if base.startswith("int"):
+    return QuantSpec(method="int", bits=int(base[3:]), block=block, rotation="none")
+  return tq(int(base[2:]), block=block)
+
+
+# Grid x group size x embedding width, for calibrated comparisons at equal bits:
+# "<base>[-g64|-g32][-embed8]", e.g. nf4-g32-embed8 = int8 embedding, NF4 in groups of 32 elsewhere.
+for _base in ("tq2", "tq3", "tq4", "tq5", "nf4", "int4"):
+  for _g, _gname in ((128, ""), (64, "-g64"), (32, "-g32")):
+    for _embed8 in (False, True):
+      _name = _base + _gname + ("-embed8" if _embed8 else "")
+      if _name not in RECIPES:
+        _layers = uniform(_name, _family(_base, _g)).specs
+        RECIPES[_name] = Recipe(_name, tuple(
+            (cls, _rtn(8) if _embed8 and cls == "embed" else spec) for cls, spec in _layers))
+
+
 def get_recipe(name: str) -> Recipe:
   if name not in RECIPES:
     raise ValueError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}")
@@ -122,8 +156,14 @@ def resolve(recipe: Recipe | str) -> Recipe:
 
 def recipe_to_dict(recipe: Recipe) -> dict:
   """JSON-ready form of a recipe (stored in quantized checkpoints)."""
-  return {"name": recipe.name, "float_dtype": recipe.float_dtype,
-          "specs": {cls: dataclasses.asdict(spec) for cls, spec in recipe.specs}}
+  out = {"name": recipe.name, "float_dtype": recipe.float_dtype,
+         "specs": {cls: dataclasses.asdict(spec) for cls, spec in recipe.specs}}
+  if recipe.tensors:
+    out["tensors"] = {name: None if spec is None else dataclasses.asdict(spec)
+                      for name, spec in recipe.tensors}
+  if recipe.calibration:
+    out["calibration"] = recipe.calibration
+  return out
 
 
 def recipe_from_dict(data: dict) -> Recipe:
@@ -133,7 +173,10 @@ def recipe_from_dict(data: dict) -> Recipe:
     unknown = sorted(cls for cls, _ in specs if cls not in CLASSES)
     if unknown:
       raise ValueError(f"unknown tensor classes {unknown}")
-    return Recipe(str(data["name"]), specs, str(data.get("float_dtype", "bfloat16")))
+    tensors = tuple((str(name), None if spec is None else QuantSpec(**spec))
+                    for name, spec in data.get("tensors", {}).items())
+    return Recipe(str(data["name"]), specs, str(data.get("float_dtype", "bfloat16")), tensors,
+                  str(data.get("calibration", "")))
   except (KeyError, TypeError, AttributeError, ValueError) as e:
     raise ValueError(f"invalid quantization recipe {data!r}: {e}") from None
 
@@ -152,7 +195,7 @@ def quantizer(recipe: Recipe | str, float_dtype=None) -> Callable[[str, jax.Arra
   recipe = resolve(recipe)
 
   def finish(name: str, leaf: jax.Array):
-    spec = recipe.spec_for(tensor_class(name))
+    spec = recipe.spec_of(name)
     if spec is not None:
       return quantize(leaf, spec, layout_of(name))
     return leaf if float_dtype is None else leaf.astype(jnp.dtype(float_dtype))
