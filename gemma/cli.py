@@ -9,17 +9,20 @@
   gemma4 chat     --checkpoint PATH [--system TEXT] [--thinking] [--max-new-tokens N] [sampling]
                   [--quant RECIPE] [--kv-quant KV] [--mesh DxM] [--ple-on-host]
   gemma4 eval     --checkpoint PATH --text FILE [--quant RECIPE] [--kv-quant KV] [--context 1024]
-                  [--stride N] [--max-tokens N] [--mesh DxM] [--json]
+                  [--stride N] [--max-tokens N] [--mesh DxM] [--reference PATH] [--json]
   gemma4 info     --checkpoint PATH
   gemma4 convert  --checkpoint IN --out DIR [--dtype bfloat16]
   gemma4 quantize --checkpoint IN --recipe RECIPE --out DIR [--dtype bfloat16]
+                  [--calibrate TEXT [--calib-tokens N] [--calib-context C]
+                  [--method gptq|awq-scale] [--target-bpw B]]   (gemma/cli_quant.py)
   gemma4 finetune [--config FILE.py] [--checkpoint PATH] [--data FILE.jsonl] [--mode lora|full]
                   [--quant RECIPE] [--steps N] [--seed S] [--out DIR] ...   (gemma/cli_train.py)
   gemma4 merge-lora --checkpoint BASE --adapters RUN_DIR --out DIR [--dtype bfloat16]
   gemma4 plan     --preset P [--quant RECIPE] [--kv-quant KV] --mesh DxM --context T [--batch B]
                   [--device-memory 80] [--ple-on-host] [--json]   (exit 3 if it does not fit)
 
-RECIPE: tq4, tq3, tq2, tq-mixed (TurboQuant), int8, int4 (g128), nf4, bf16 (gemma.quant.recipes).
+RECIPE: tq4, tq3, tq2, tq-mixed (TurboQuant), int8, int4 (g128), nf4, bf16 (gemma.quant.recipes),
+    and variants <tq2..tq5|nf4|int4>[-g64|-g32][-embed8].
 KV: bf16, f32, or a TurboQuant KV cache tq2, tq2.5, tq3, tq3.5, tq4 (gemma.kv_quant), each
     optionally with +sN (positions < N also kept in bfloat16: the attention sink) and +rN (the
     newest N tokens too), e.g. tq3.5+s1+r128.
@@ -136,12 +139,16 @@ def _parser() -> argparse.ArgumentParser:
                   help="score only the first N tokens of the text (0: all)")
   ev.add_argument("--json", action="store_true", help="last stdout line is a JSON object")
   kv_flag(ev)
+  from gemma import cli_quant
+
+  cli_quant.add_reference_flag(ev)
 
   qz = sub.add_parser("quantize", help="quantize a checkpoint tensor by tensor and save it")
   common(qz, dtype_help="stored dtype of the tensors kept in float (default bfloat16)")
   qz.add_argument("--recipe", choices=list(RECIPES), required=True)
   qz.add_argument("--out", required=True, help="output directory (loads like any checkpoint)")
   qz.add_argument("--force", action="store_true", help="overwrite an existing --out")
+  cli_quant.add_calibration_flags(qz)
   from gemma import cli_scale, cli_train
 
   cli_train.add_parsers(sub, PRESETS, RECIPES)

@@ -1,7 +1,9 @@
-"""The quantization commands of the `gemma4` CLI: `quantize` and `eval` (flags in gemma/cli.py)."""
+"""The quantization commands of the `gemma4` CLI: `quantize` and `eval` (base flags in gemma/cli.py,
+calibration and reference flags here)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -10,12 +12,41 @@ import jax
 import jax.numpy as jnp
 
 from gemma.checkpoint import load
-from gemma.cli import _load, _tokenizer
+from gemma.cli import _dtype, _load, _tokenizer
 from gemma.evaluate import check_stride, evaluate
 from gemma.formats.converted import copy_tokenizer, save_converted
 from gemma.quant import QArray, quantize_params
+from gemma.quant.calibrate import Calibration
 from gemma.quant.footprint import size_report
+from gemma.quant.gptq import METHODS
 from gemma.quant.recipes import get_recipe
+
+
+def add_calibration_flags(p) -> None:
+  """`quantize` flags for calibrated rounding and bit allocation."""
+  d = Calibration()
+  p.add_argument("--calibrate", metavar="TEXT", default=None,
+                 help="UTF-8 text to calibrate on: weights are rounded with GPTQ/LDLQ (or --method)"
+                 " using the statistics of their inputs, collected layer by layer")
+  p.add_argument("--calib-tokens", type=int, default=d.tokens,
+                 help=f"use the first N tokens of the text (default {d.tokens})")
+  p.add_argument("--calib-context", type=int, default=d.context,
+                 help=f"calibration window length, BOS included (default {d.context})")
+  p.add_argument("--method", choices=METHODS, default=None,
+                 help="gptq (default: error feedback + weighted scale refit) or awq-scale "
+                 "(importance-weighted scales only)")
+  p.add_argument("--damp", type=float, default=d.damp,
+                 help=f"GPTQ damping, fraction of H's mean diagonal (default {d.damp})")
+  p.add_argument("--target-bpw", type=float, default=None,
+                 help="choose a width per tensor (2-5 bits of the recipe's grid, or int8) for "
+                 "this average of stored bits per quantized weight, by measured sensitivity")
+
+
+def add_reference_flag(p) -> None:
+  p.add_argument("--reference", default=None, metavar="PATH",
+                 help="score against this checkpoint (any format, same tokenizer and "
+                 "vocabulary) instead of the unquantized --checkpoint: KL, top-1 agreement and "
+                 "both perplexities")
 
 
 def _size_line(params) -> str:
@@ -27,22 +58,69 @@ def _size_line(params) -> str:
   return line
 
 
+def _calibration(args, recipe):
+  """(Calibration, windows, recipe to use) from the flags, all checked before any weight loads."""
+  from gemma.quant import allocate
+  from gemma.quant.calibrate import calibration_windows
+
+  if not args.calibrate:
+    if args.method or args.target_bpw is not None:
+      raise ValueError("--method and --target-bpw need --calibrate TEXT")
+    return None, None, recipe
+  calib = Calibration(method=args.method or "gptq", tokens=args.calib_tokens,
+                      context=args.calib_context, damp=args.damp)
+  if args.target_bpw is not None:
+    allocate.check_target(args.target_bpw, allocate.candidates(recipe))
+  tokenizer = _tokenizer(args.checkpoint)
+  text = Path(args.calibrate).read_text(encoding="utf-8")
+  ids = tokenizer.encode(text, add_bos=False)
+  windows = calibration_windows(ids, tokenizer.bos_id, calib)
+  note = (f"{calib.method} on {Path(args.calibrate).name}: {windows.shape[0]} windows of "
+          f"{calib.context} tokens, damp {calib.damp}")
+  return calib, windows, dataclasses.replace(recipe, calibration=note)
+
+
 def cmd_quantize(args) -> int:
-  """`gemma4 quantize`: stream a checkpoint through a recipe into a converted directory."""
+  """`gemma4 quantize`: stream a checkpoint through a recipe into a converted directory, or with
+  --calibrate round every weight with calibration statistics (and --target-bpw: per-tensor
+  widths)."""
+  from gemma.quant import allocate
+  from gemma.quant.calibrate import calibrate
+
   recipe = get_recipe(args.recipe)
   out = Path(args.out)
   if (out / "params").exists() and not args.force:
     raise ValueError(f"{out} already holds a checkpoint (pass --force to overwrite)")
+  calib, windows, recipe = _calibration(args, recipe)
   t0 = time.perf_counter()
-  # float32 source, each tensor quantized (or cast to --dtype) as soon as it is read
-  cfg, params = load(args.checkpoint, jnp.float32, preset=args.preset, quant=recipe,
-                     float_dtype=jnp.dtype(args.dtype or "bfloat16"))
+  float_dtype = jnp.dtype(args.dtype or "bfloat16")
+  if calib is None:
+    # float32 source, each tensor quantized (or cast to --dtype) as soon as it is read
+    cfg, params = load(args.checkpoint, jnp.float32, preset=args.preset, quant=recipe,
+                       float_dtype=float_dtype)
+  else:
+    cfg, params = load(args.checkpoint, jnp.float32, preset=args.preset)
+    if _quantized(params):
+      raise ValueError(f"{args.checkpoint} is already quantized; calibrate from a float "
+                       "checkpoint")
+    if args.target_bpw is not None:
+      recipe = allocate.allocate(params, cfg, recipe, windows, args.target_bpw)
+      print(f"widths chosen for {args.target_bpw} bits/weight:\n{allocate.widths_table(recipe)}")
+    params = calibrate(params, cfg, recipe, windows, calib)
+    params = jax.tree.map(lambda x: x if isinstance(x, QArray) else x.astype(float_dtype),
+                          params, is_leaf=lambda x: isinstance(x, QArray))
   save_converted(out, cfg, params, force=args.force, recipe=recipe)
   copy_tokenizer(args.checkpoint, out)
-  print(f"quantized {cfg.name} with {recipe.name} in {time.perf_counter() - t0:.1f} s: "
+  how = f" ({recipe.calibration})" if recipe.calibration else ""
+  print(f"quantized {cfg.name} with {recipe.name}{how} in {time.perf_counter() - t0:.1f} s: "
         f"{_size_line(params)}")
   print(f"wrote {out.absolute()}")
   return 0
+
+
+def _quantized(params) -> bool:
+  return any(isinstance(x, QArray) for x in jax.tree.leaves(
+      params, is_leaf=lambda x: isinstance(x, QArray)))
 
 
 def cmd_eval(args) -> int:
@@ -55,15 +133,17 @@ def cmd_eval(args) -> int:
   tokenizer = _tokenizer(args.checkpoint)
   ids = tokenizer.encode(text, add_bos=False)
   ids = ids[:args.max_tokens] if args.max_tokens else ids
+  ref_cfg = None
   if args.quant:
     cfg, reference = _load(args, quantize=False)
-    if any(isinstance(x, QArray) for x in jax.tree.leaves(
-        reference, is_leaf=lambda x: isinstance(x, QArray))):
+    if _quantized(reference):
       raise ValueError(f"{args.checkpoint} is already quantized; evaluate it without --quant")
     params = quantize_params(reference, args.quant)
   else:
     (cfg, params), reference = _load(args), None
-  if args.kv_quant and reference is None:  # compare against the same weights, plain cache
+  if args.reference:
+    ref_cfg, reference = _reference(args, cfg, tokenizer, text)
+  elif args.kv_quant and reference is None:  # compare against the same weights, plain cache
     reference = params
   if getattr(args, "mesh", None):
     from gemma import sharding
@@ -73,7 +153,7 @@ def cmd_eval(args) -> int:
     reference = None if reference is None else sharding.shard_params(reference, mesh)
   result = evaluate(params, cfg, ids, args.context, reference=reference,
                     bos_id=getattr(tokenizer, "bos_id", None), kv_quant=args.kv_quant,
-                    stride=stride)
+                    stride=stride, reference_cfg=ref_cfg)
   size = size_report(params)
   bits = size["quantized_bits_per_weight"] or size["bits_per_weight"]
   out = dict(perplexity=result.perplexity, mean_kl=result.mean_kl,
@@ -82,6 +162,7 @@ def cmd_eval(args) -> int:
              windows=result.windows, context=args.context, stride=stride,
              recipe=args.quant or "none",
              kv_quant=args.kv_quant or "none",
+             reference=args.reference or "unquantized",
              model=cfg.name, bytes=size["total_bytes"], seconds=result.seconds)
   print(f"{cfg.name} [{out['recipe']}, kv {out['kv_quant']}] on {result.tokens} tokens: perplexity "
         f"{result.perplexity:.4f} (reference {result.reference_perplexity:.4f}), mean KL "
@@ -90,3 +171,24 @@ def cmd_eval(args) -> int:
   if args.json:
     print(json.dumps(out))
   return 0
+
+
+def _reference(args, cfg, tokenizer, text):
+  """(config, params) of --reference, after checking it reads the text as the same tokens."""
+  path = Path(args.reference)
+  if not path.exists():
+    raise FileNotFoundError(f"--reference {path} does not exist")
+  try:
+    ref_tokenizer = _tokenizer(args.reference)
+  except (FileNotFoundError, ValueError) as e:
+    raise ValueError(f"--reference {path} has no tokenizer to check against --checkpoint's "
+                     f"({e})") from None
+  if ref_tokenizer.encode(text, add_bos=False) != tokenizer.encode(text, add_bos=False) or (
+      getattr(ref_tokenizer, "bos_id", None) != getattr(tokenizer, "bos_id", None)):
+    raise ValueError(f"--reference {path} tokenizes the text differently from --checkpoint "
+                     f"{args.checkpoint}: they must share the tokenizer")
+  ref_cfg, reference = load(args.reference, _dtype(args.dtype), preset=args.preset)
+  if ref_cfg.vocab_size != cfg.vocab_size:
+    raise ValueError(f"--reference {path} has a vocabulary of {ref_cfg.vocab_size}, --checkpoint "
+                     f"{args.checkpoint} of {cfg.vocab_size}: KL needs the same vocabulary")
+  return ref_cfg, reference

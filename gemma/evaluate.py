@@ -140,8 +140,8 @@ def window_sums(lq: jax.Array, lp: jax.Array, tokens: jax.Array, positions: jax.
 def evaluate_many(models: dict[str, Params], cfg: ModelConfig, ids: list[int], context: int,
                   reference: Params | None = None, bos_id: int | None = None,
                   show_progress: bool = True, kv_quants: dict[str, str | None] | None = None,
-                  reference_kv_quant: str | None = None,
-                  stride: int | None = None) -> dict[str, EvalResult]:
+                  reference_kv_quant: str | None = None, stride: int | None = None,
+                  reference_cfg: ModelConfig | None = None) -> dict[str, EvalResult]:
   """`evaluate` for several models against one reference, run once per window.
 
   Args:
@@ -150,12 +150,18 @@ def evaluate_many(models: dict[str, Params], cfg: ModelConfig, ids: list[int], c
     ids: the text's token ids (without BOS).
     context: window length in tokens, BOS included.
     reference: the reference model (None: each model is its own reference, KL = 0).
+    reference_cfg: the reference's config when it differs from `cfg` (another checkpoint of the
+      same vocabulary, e.g. a float model against a GGUF quantized elsewhere).
     kv_quants: name -> KV cache kind of that model (`init_cache`'s kv_quant; default none).
     reference_kv_quant: the reference model's KV cache kind.
     stride: text tokens between window starts, in [1, context - 1] (None: context - 1, i.e.
       non-overlapping windows); each window after the first scores only its last `stride`.
   """
   kv_quants = kv_quants or {}
+  reference_cfg = reference_cfg or cfg
+  if reference_cfg.vocab_size != cfg.vocab_size:
+    raise ValueError(f"the reference's vocabulary ({reference_cfg.vocab_size}) differs from the "
+                     f"model's ({cfg.vocab_size})")
   stride = check_stride(context, stride)
   if context > cfg.max_position_embeddings:
     raise ValueError(f"context {context} exceeds the model's {cfg.max_position_embeddings}")
@@ -170,7 +176,8 @@ def evaluate_many(models: dict[str, Params], cfg: ModelConfig, ids: list[int], c
   for w in range(len(tokens)):
     t, p = jnp.asarray(tokens[w:w + 1]), jnp.asarray(positions[w:w + 1])
     m = jnp.asarray(scored[w:w + 1])
-    lp = None if reference is None else log_probs(reference, t, p, cfg, reference_kv_quant)
+    lp = None if reference is None else log_probs(reference, t, p, reference_cfg,
+                                                  reference_kv_quant)
     for name, params in models.items():
       t0 = time.perf_counter()
       lq = log_probs(params, t, p, cfg, kv_quants.get(name))
@@ -191,7 +198,7 @@ def evaluate_many(models: dict[str, Params], cfg: ModelConfig, ids: list[int], c
 def evaluate(params: Params, cfg: ModelConfig, ids: list[int], context: int,
              reference: Params | None = None, bos_id: int | None = None,
              show_progress: bool = True, kv_quant: str | None = None,
-             stride: int | None = None) -> EvalResult:
+             stride: int | None = None, reference_cfg: ModelConfig | None = None) -> EvalResult:
   """Perplexity of `params` on `ids` and its KL / top-1 agreement against `reference`.
 
   Args:
@@ -204,9 +211,10 @@ def evaluate(params: Params, cfg: ModelConfig, ids: list[int], context: int,
     kv_quant: KV cache of the evaluated model (`gemma.cache.init_cache`), e.g. "tq3.5".
     stride: text tokens between window starts, in [1, context - 1] (None: context - 1,
       non-overlapping windows; smaller: more history per scored token, more compute).
+    reference_cfg: the reference's config when it is another checkpoint (same vocabulary).
   """
   return evaluate_many({"": params}, cfg, ids, context, reference, bos_id, show_progress,
-                       kv_quants={"": kv_quant}, stride=stride)[""]
+                       kv_quants={"": kv_quant}, stride=stride, reference_cfg=reference_cfg)[""]
 
 
 NEEDLE_ANSWER = "7 4 1 9"

@@ -4,7 +4,8 @@
 
 For each fixture: float32 logits of the reference prompt on one device, then with params placed
 by `gemma.sharding.shard_params` on meshes 1x8, 2x4 and 8x1 (and, for the first fixture, a
-TurboQuant-quantized copy, its QArrays split along rotation blocks, on every mesh). Then the
+TurboQuant-quantized copy, its QArrays split along rotation blocks, on every mesh, and a
+GPTQ-calibrated tq4 copy on 2x4). Then the
 dense_keqv fixture's prefill + one decode step through a TurboQuant tq3 KV cache (and tq4 weights)
 on 2x4 / 1x8, and greedy `generate(..., mesh=)` tokens on 2x4. Prints one JSON line
 {fixture: {kind@mesh: {rel_fro: ‖Δ‖/‖logits‖, rel_max: max|Δ|/max|logits|}}, "_cache": ...}.
@@ -25,6 +26,7 @@ from gemma import sharding  # noqa: E402
 from gemma.checkpoint import load  # noqa: E402
 from gemma.finetune import fit  # noqa: E402
 from gemma.model import forward  # noqa: E402
+from gemma.quant.calibrate import Calibration, calibrate, calibration_windows  # noqa: E402
 from gemma.quant.recipes import quantize_params  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -44,6 +46,10 @@ def main(names) -> dict:
     kinds = [("f32", params, MESHES)]
     if name == names[0]:  # quantized weights, QArrays split along rotation blocks
       kinds.append(("tq4", quantize_params(params, "tq4"), MESHES))
+      # calibrated (GPTQ) weights: the same QArray format, so the same placement
+      calib = Calibration(tokens=62, context=32)
+      windows = calibration_windows(list(range(3, 65)), 2, calib)
+      kinds.append(("tq4-gptq", calibrate(params, cfg, "tq4", windows, calib, False), ("2x4",)))
     for label, p, meshes in kinds:
       ref = np.asarray(run(p, tokens, positions, cfg)[0])
       for mesh_text in meshes:

@@ -102,6 +102,7 @@ def test_parse_mesh(text, bad):
 
 @pytest.mark.slow
 def test_sharded_logits_and_finetune_steps_equal_single_device():
+  """Float, tq4 and GPTQ-calibrated tq4 weights; KV caches; fine-tuning steps."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   names = [n for n in FAMILIES if n != "gemma3"]
@@ -131,7 +132,7 @@ def test_sharded_logits_and_finetune_steps_equal_single_device():
     assert err["prefill"]["rel_fro"] <= 1e-5 or err["norm_max_rel"] > 0, (kind, err)
     assert err["prefill"]["rel_fro"] <= 2.0 ** -10, (kind, err)
   assert set(errors) == set(names)
-  assert {"tq4@1x8", "tq4@2x4", "tq4@8x1"} <= set(errors[names[0]])
+  assert {"tq4@1x8", "tq4@2x4", "tq4@8x1", "tq4-gptq@2x4"} <= set(errors[names[0]])
   for name, per_mesh in errors.items():
     assert {"f32@1x8", "f32@2x4", "f32@8x1"} <= set(per_mesh), per_mesh
     for mesh, err in per_mesh.items():

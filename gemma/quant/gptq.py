@@ -170,21 +170,22 @@ def _awq_rows(w: jax.Array, d: jax.Array, spec: QuantSpec):
   levels, mids = _grid(spec)
   wb = w.reshape(w.shape[0], -1, g)  # [R, nb, g]
   db = d.reshape(-1, g)  # [nb, g]
-  _, base = data_free_scale(wb, spec)  # [R, nb]
+  div, base = data_free_scale(wb, spec)  # [R, nb]
 
-  def err_of(scale):
-    _, q = _round(wb, scale[..., None], scale[..., None], levels, mids)
-    return jnp.sum(db * (wb - q) ** 2, axis=-1)
+  def codes_err(divisor, scale):
+    k, q = _round(wb, divisor[..., None], scale[..., None], levels, mids)
+    return k, jnp.sum(db * (wb - q) ** 2, axis=-1)
 
   def body(i, c):
-    best_err, best = c
+    best_err, best, best_k = c
     scale = _stored(base * jnp.asarray(AWQ_GRID)[i], spec)
-    e = err_of(scale)
+    k, e = codes_err(scale, scale)
     better = e < best_err
-    return jnp.where(better, e, best_err), jnp.where(better, scale, best)
+    return (jnp.where(better, e, best_err), jnp.where(better, scale, best),
+            jnp.where(better[..., None], k, best_k))
 
-  _, scale = jax.lax.fori_loop(0, len(AWQ_GRID), body, (err_of(base), base))
-  k, _ = _round(wb, scale[..., None], scale[..., None], levels, mids)
+  k0, e0 = codes_err(div, base)  # round-to-nearest is the first candidate
+  _, scale, k = jax.lax.fori_loop(0, len(AWQ_GRID), body, (e0, base, k0))
   # closed-form weighted refit of each block's scale for the chosen codes
   c = levels[k]
   num, den = jnp.sum(db * c * wb, -1), jnp.sum(db * c * c, -1)
