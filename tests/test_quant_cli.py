@@ -176,4 +176,4 @@ def test_eval_cli_errors(e_style_ckpt, quantized_dir, text_file, capsys):
                    str(text_file.parent / "missing.txt")]) == 2
   with pytest.raises(SystemExit):
     cli.main(["eval", "--checkpoint", str(e_style_ckpt), "--text", str(text_file),
-              "--quant", "tq5"])
+              "--quant", "tq7"])

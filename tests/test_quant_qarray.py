@@ -136,8 +136,16 @@ def test_recipe_dict_round_trip_and_errors():
     recipes.recipe_from_dict({"name": "x", "specs": {"lm_head": {"bits": 4}}})
   with pytest.raises(ValueError, match="invalid quantization recipe"):
     recipes.recipe_from_dict({"name": "x", "specs": {"mlp": {"bits": 4, "block": 96}}})
-  with pytest.raises(ValueError, match="unknown recipe 'tq5'"):
-    recipes.get_recipe("tq5")
+  with pytest.raises(ValueError, match="unknown recipe 'tq7'"):
+    recipes.get_recipe("tq7")
+  # per-tensor widths (bit allocation) and the calibration record survive the round trip
+  allocated = dataclasses.replace(
+      recipes.get_recipe("tq4"), tensors=(("embed", QuantSpec(method="int", bits=8,
+                                                               rotation="none")),
+                                          ("layers.0.attn.q", None)), calibration="gptq on x")
+  assert recipes.recipe_from_dict(recipes.recipe_to_dict(allocated)) == allocated
+  assert allocated.spec_of("embed").bits == 8 and allocated.spec_of("layers.0.attn.q") is None
+  assert allocated.spec_of("layers.0.attn.k").bits == 4
 
 
 def test_experts_ragged_dot_and_padding():

@@ -21,7 +21,7 @@ from gemma import params as P
 from gemma.cache import cache_size
 from gemma.quant import packing
 from gemma.quant.qarray import Layout, QArray, QuantSpec, plan_block
-from gemma.quant.recipes import CLASSES, RECIPES, Recipe, get_recipe, layout_of, tensor_class
+from gemma.quant.recipes import CLASSES, NAMED, RECIPES, Recipe, get_recipe, layout_of, tensor_class
 
 GIB = 2 ** 30
 
@@ -154,7 +154,7 @@ def kv_table(presets=("gemma4-31b", "gemma4-e4b"), contexts=(8192, 131_072),
   return "\n".join(lines)
 
 
-def table(presets=tuple(C.PRESETS), recipes=tuple(RECIPES), context: int = 32_768) -> str:
+def table(presets=tuple(C.PRESETS), recipes=NAMED, context: int = 32_768) -> str:
   """A text table: GiB and bits per weight of each preset under each recipe, plus the KV cache."""
   lines = [f"{'preset':<16}{'recipe':<10}{'GiB':>8}{'bits/w':>8}{'+kv@' + str(context):>12}"
            f"  per class GiB"]
@@ -172,7 +172,7 @@ def table(presets=tuple(C.PRESETS), recipes=tuple(RECIPES), context: int = 32_76
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--presets", nargs="*", default=list(C.PRESETS))
-  ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
+  ap.add_argument("--recipes", nargs="*", default=list(NAMED), choices=list(RECIPES))
   ap.add_argument("--context", type=int, default=32_768, help="KV cache length (bf16, batch 1)")
   ap.add_argument("--kv", action="store_true",
                   help="print the KV cache table (31B and E4B at 8K and 128K, every --kv-quant)")

@@ -124,6 +124,9 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+NAMED = tuple(RECIPES)  # the recipes above; the grid of variants below is generated
+
+
 def _family(base: str, block: int) -> QuantSpec:
   if base == "nf4":
     return QuantSpec(method="nf4", bits=4, block=block, rotation="none")
