@@ -143,12 +143,7 @@ def _parser() -> argparse.ArgumentParser:
 
   cli_quant.add_reference_flag(ev)
 
-  qz = sub.add_parser("quantize", help="quantize a checkpoint tensor by tensor and save it")
-  common(qz, dtype_help="stored dtype of the tensors kept in float (default bfloat16)")
-  qz.add_argument("--recipe", choices=list(RECIPES), required=True)
-  qz.add_argument("--out", required=True, help="output directory (loads like any checkpoint)")
-  qz.add_argument("--force", action="store_true", help="overwrite an existing --out")
-  cli_quant.add_calibration_flags(qz)
+  cli_quant.add_quantize_parser(sub, common, RECIPES)
   from gemma import cli_scale, cli_train
 
   cli_train.add_parsers(sub, PRESETS, RECIPES)

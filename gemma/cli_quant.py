@@ -22,8 +22,13 @@ from gemma.quant.gptq import METHODS
 from gemma.quant.recipes import get_recipe
 
 
-def add_calibration_flags(p) -> None:
-  """`quantize` flags for calibrated rounding and bit allocation."""
+def add_quantize_parser(sub, common, recipes) -> None:
+  """`gemma4 quantize`: recipe, output, and the flags of calibrated rounding and bit allocation."""
+  p = sub.add_parser("quantize", help="quantize a checkpoint tensor by tensor and save it")
+  common(p, dtype_help="stored dtype of the tensors kept in float (default bfloat16)")
+  p.add_argument("--recipe", choices=list(recipes), required=True)
+  p.add_argument("--out", required=True, help="output directory (loads like any checkpoint)")
+  p.add_argument("--force", action="store_true", help="overwrite an existing --out")
   d = Calibration()
   p.add_argument("--calibrate", metavar="TEXT", default=None,
                  help="UTF-8 text to calibrate on: weights are rounded with GPTQ/LDLQ (or --method)"

@@ -10,9 +10,10 @@ script refuses overlap), all in one run against one reference: the real Gemma 3 
       [--rtn R ...] [--gptq R ...] [--awq R ...] [--bpw 4.5 3.5] [--bpw-base tq4]
       [--bpw-windows 8] [--json-out FILE]
 
-Rows: `R` (round to nearest, data-free), `R+gptq`, `R+awq` and `<base>-bpwX+gptq` (bit
-allocation to an average of X bits per quantized weight, then GPTQ). Prints a Markdown table,
-then (last line) one JSON object {row: {...}, "_meta": {...}}.
+Rows: `R` (round to nearest, data-free), `R+gptq`, `R+awq`, `<base>-bpwX+gptq` (bit
+allocation to an average of X bits per quantized weight, then GPTQ) and `--gguf NAME=FILE` (the
+same model quantized by another tool, e.g. `scripts/llamacpp_requantize.py`). Prints a Markdown
+table, then (last line) one JSON object {row: {...}, "_meta": {...}}.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from gemma.checkpoint import load  # noqa: E402
 from gemma.evaluate import evaluate_many  # noqa: E402
 from gemma.formats.common import log  # noqa: E402
+from gemma.formats.gguf_file import open_gguf  # noqa: E402
 from gemma.quant import allocate  # noqa: E402
 from gemma.quant.calibrate import Calibration, calibrate, calibration_windows  # noqa: E402
 from gemma.quant.footprint import size_report  # noqa: E402
@@ -58,6 +61,19 @@ def bits_split(params) -> tuple[float, float]:
   return layers, 8 * emb["bytes"] / emb["params"]
 
 
+def gguf_bits_split(path: str) -> tuple[float, float]:
+  """Stored bits per weight of a GGUF file's matrices: all but the token embedding, and it."""
+  f = open_gguf(path)
+  mats = [t for t in f.tensors.values() if len(t.shape) >= 2]
+  emb = [t for t in mats if t.name == "token_embd.weight"]
+  rest = [t for t in mats if t.name != "token_embd.weight"]
+
+  def bits(ts):
+    return 8 * sum(t.nbytes for t in ts) / max(1, sum(int(np.prod(t.shape)) for t in ts))
+
+  return bits(rest), bits(emb)
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--checkpoint", default=None, help="default: the real Gemma 3 270M GGUF")
@@ -73,6 +89,9 @@ def main(argv=None) -> int:
   ap.add_argument("--bpw-base", default="tq4", choices=list(RECIPES))
   ap.add_argument("--bpw-windows", type=int, default=8,
                   help="calibration windows used to measure sensitivities")
+  ap.add_argument("--gguf", nargs="*", default=[], metavar="NAME=FILE",
+                  help="extra rows: GGUF files of the same model quantized by another tool "
+                  "(scripts/llamacpp_requantize.py), dequantized by our loader")
   ap.add_argument("--json-out", default=None)
   args = ap.parse_args(argv)
 
@@ -87,7 +106,7 @@ def main(argv=None) -> int:
   calib = Calibration(tokens=args.calib_tokens, context=args.calib_context)
   windows = calibration_windows(ids, tokenizer.bos_id, calib)
   cfg, reference = load(checkpoint, jnp.float32)
-  models, how = {}, {}
+  models, how, gguf_bits = {}, {}, {}
 
   def add(name, params, seconds):
     models[name] = jax.block_until_ready(params)
@@ -100,6 +119,14 @@ def main(argv=None) -> int:
     log(allocate.widths_table(recipe))
     add(f"{recipe.name}+gptq", calibrate(reference, cfg, recipe, windows, calib),
         time.perf_counter() - t0)
+  for item in args.gguf:
+    name, _, path = item.partition("=")
+    t0 = time.perf_counter()
+    other_cfg, params = load(path, jnp.float32)
+    if other_cfg.vocab_size != cfg.vocab_size:
+      raise SystemExit(f"{path} has another vocabulary than {checkpoint}")
+    add(name, params, time.perf_counter() - t0)
+    gguf_bits[name] = gguf_bits_split(path)
   for name in args.rtn:
     t0 = time.perf_counter()
     add(name, quantize_params(reference, name), time.perf_counter() - t0)
@@ -121,13 +148,14 @@ def main(argv=None) -> int:
   print("|---|---|---|---|---|---|---|")
   out = {}
   for name, r in results.items():
-    layers, emb = bits_split(models[name])
+    layers, emb = gguf_bits.get(name) or bits_split(models[name])
     print(f"| {name} | {layers:.3f} ({emb:.3f}) | {r.perplexity:.4f} | "
           f"{100 * (r.perplexity / ref_ppl - 1):+.2f}% | {r.mean_kl:.4f} | "
           f"{r.top1_agreement:.4f} | {how[name]:.0f} |")
     out[name] = dict(perplexity=r.perplexity, mean_kl=r.mean_kl, top1_agreement=r.top1_agreement,
                      layer_bits=layers, embed_bits=emb,
-                     bits_per_weight=size_report(models[name])["quantized_bits_per_weight"],
+                     bits_per_weight=None if name in gguf_bits else size_report(
+                         models[name])["quantized_bits_per_weight"],
                      reference_perplexity=r.reference_perplexity, quantize_seconds=how[name])
   out["_meta"] = dict(model=cfg.name, text=Path(args.text).name, calib_tokens=windows.size,
                       calib_context=args.calib_context, eval_start=eval_start,

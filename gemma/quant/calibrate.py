@@ -218,6 +218,8 @@ def walk(params: Params, cfg: ModelConfig, windows: np.ndarray, probed: Callable
       progress(i + 1, cfg.num_layers, what, f"({time.perf_counter() - t0:.0f} s)")
   params = dataclasses.replace(params, layers=tuple(layers))
   if probed("embed"):
+    if show_progress:
+      log(f"{what}: the tied embedding as the LM head {tuple(params.embed.shape)}")
     h_head = sum(_head_hessian(params.final_norm, h, cfg) for h in hs)
     params = _replace(params, "", process(params, "", {"embed": h_head}, {"embed"}))
   return params
