@@ -83,7 +83,10 @@ def _stored(s: jax.Array, spec: QuantSpec) -> jax.Array:
 def _round(v: jax.Array, divisor: jax.Array, scale: jax.Array, levels, mids):
   """Nearest level of v / divisor, decoded on scale · levels. -> (level index int32, value)."""
   safe = jnp.where(divisor > 0, divisor, 1.0)
-  k = jnp.searchsorted(mids, v / safe, method="compare_all").astype(jnp.int32)
+  # compare_all is fastest for small grids but holds [..., K] booleans: int8's 255 boundaries
+  # over a block of LM-head rows would take gigabytes, so large grids binary-search instead
+  method = "compare_all" if mids.shape[0] < 32 else "scan"
+  k = jnp.searchsorted(mids, v / safe, method=method).astype(jnp.int32)
   return k, jnp.where(divisor > 0, levels[k] * scale, 0.0)
 
 
