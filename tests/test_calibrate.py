@@ -298,3 +298,21 @@ def test_eval_reference_errors(e_style_ckpt, text_file, tmp_path, capsys):
                  tokenizer_file=e_style_ckpt / "tokenizer.model")
   assert cli.main(base + ["--reference", str(other)]) == 2
   assert "same vocabulary" in capsys.readouterr().err
+
+
+def test_moe_experts_calibrate_per_expert():
+  """MoE layers: each expert is rounded with the H of the tokens routed to it."""
+  cfg = tiny("gemma4-26b-a4b", num_layers=2, layer_types=("sliding", "full"))
+  params = init(jax.random.PRNGKey(1), cfg, jnp.float32, std=0.3)
+  windows = np.random.default_rng(1).integers(3, cfg.vocab_size, (2, 16)).astype(np.int32)
+  report = calibrate.Report()
+  got = calibrate.calibrate(params, cfg, "tq4", windows, calibrate.Calibration(
+      tokens=30, context=16), show_progress=False, report=report)
+  experts = got.layers[0].moe.gate
+  assert isinstance(experts, QArray) and experts.shape == params.layers[0].moe.gate.shape
+  assert report.methods["layers.0.moe.gate"] == "gptq" and not report.no_data
+  rtn = recipes.quantize(params.layers[0].moe.gate, experts.spec, experts.layout)
+  assert not bool(jnp.all(experts.codes == rtn.codes))
+  tokens = jnp.asarray(windows[:1])
+  logits = M.forward(got, tokens, jnp.arange(16)[None], cfg)[0]
+  assert bool(jnp.all(jnp.isfinite(logits)))
