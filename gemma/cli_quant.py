@@ -15,8 +15,8 @@ from gemma.checkpoint import load
 from gemma.cli import _dtype, _load, _tokenizer
 from gemma.evaluate import check_stride, evaluate
 from gemma.formats.converted import copy_tokenizer, save_converted
-from gemma.quant import QArray, quantize_params
-from gemma.quant.calibrate import Calibration
+from gemma.quant import QArray, allocate, quantize_params
+from gemma.quant.calibrate import Calibration, calibrate, calibration_windows
 from gemma.quant.footprint import size_report
 from gemma.quant.gptq import METHODS
 from gemma.quant.recipes import get_recipe
@@ -65,9 +65,6 @@ def _size_line(params) -> str:
 
 def _calibration(args, recipe):
   """(Calibration, windows, recipe to use) from the flags, all checked before any weight loads."""
-  from gemma.quant import allocate
-  from gemma.quant.calibrate import calibration_windows
-
   if not args.calibrate:
     if args.method or args.target_bpw is not None:
       raise ValueError("--method and --target-bpw need --calibrate TEXT")
@@ -89,9 +86,6 @@ def cmd_quantize(args) -> int:
   """`gemma4 quantize`: stream a checkpoint through a recipe into a converted directory, or with
   --calibrate round every weight with calibration statistics (and --target-bpw: per-tensor
   widths)."""
-  from gemma.quant import allocate
-  from gemma.quant.calibrate import calibrate
-
   recipe = get_recipe(args.recipe)
   out = Path(args.out)
   if (out / "params").exists() and not args.force:
@@ -136,8 +130,8 @@ def cmd_eval(args) -> int:
   if args.max_tokens < 0:
     raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
   tokenizer = _tokenizer(args.checkpoint)
-  ids = tokenizer.encode(text, add_bos=False)
-  ids = ids[:args.max_tokens] if args.max_tokens else ids
+  text_ids = tokenizer.encode(text, add_bos=False)
+  ids = text_ids[:args.max_tokens] if args.max_tokens else text_ids
   ref_cfg = None
   if args.quant:
     cfg, reference = _load(args, quantize=False)
@@ -147,7 +141,7 @@ def cmd_eval(args) -> int:
   else:
     (cfg, params), reference = _load(args), None
   if args.reference:
-    ref_cfg, reference = _reference(args, cfg, tokenizer, text)
+    ref_cfg, reference = _reference(args, cfg, tokenizer, text, text_ids)
   elif args.kv_quant and reference is None:  # compare against the same weights, plain cache
     reference = params
   if getattr(args, "mesh", None):
@@ -178,8 +172,9 @@ def cmd_eval(args) -> int:
   return 0
 
 
-def _reference(args, cfg, tokenizer, text):
-  """(config, params) of --reference, after checking it reads the text as the same tokens."""
+def _reference(args, cfg, tokenizer, text, text_ids):
+  """(config, params) of --reference, after checking it reads the text as `text_ids` (the
+  --checkpoint tokenizer's ids) too."""
   path = Path(args.reference)
   if not path.exists():
     raise FileNotFoundError(f"--reference {path} does not exist")
@@ -188,7 +183,7 @@ def _reference(args, cfg, tokenizer, text):
   except (FileNotFoundError, ValueError) as e:
     raise ValueError(f"--reference {path} has no tokenizer to check against --checkpoint's "
                      f"({e})") from None
-  if ref_tokenizer.encode(text, add_bos=False) != tokenizer.encode(text, add_bos=False) or (
+  if ref_tokenizer.encode(text, add_bos=False) != text_ids or (
       getattr(ref_tokenizer, "bos_id", None) != getattr(tokenizer, "bos_id", None)):
     raise ValueError(f"--reference {path} tokenizes the text differently from --checkpoint "
                      f"{args.checkpoint}: they must share the tokenizer")

@@ -36,8 +36,8 @@ from gemma.params import Params, leaf_names
 from gemma.quant import probe
 from gemma.quant.calibrate import walk
 from gemma.quant.footprint import abstract_qarray
-from gemma.quant.gptq import bits_of
-from gemma.quant.qarray import QuantSpec, dequantize, nbytes, to_blocks
+from gemma.quant.gptq import bits_of, row_errors
+from gemma.quant.qarray import QArray, QuantSpec, bits_per_weight
 from gemma.quant.recipes import Recipe, layout_of, quantize, resolve
 
 TQ_WIDTHS = (2, 3, 4, 5)
@@ -90,6 +90,7 @@ def output_fisher(params: Params, cfg: ModelConfig, windows: np.ndarray, names: 
     return 0
 
   jax.eval_shape(shape_of, params)
+  leaves = _leaves(params)
   fisher, lookups = {}, {}
   for w in range(len(windows)):
     tokens = jnp.asarray(windows[w:w + 1])
@@ -108,7 +109,7 @@ def output_fisher(params: Params, cfg: ModelConfig, windows: np.ndarray, names: 
         np.add.at(acc, inv, np.concatenate([old, rows]))
         lookups[name] = (uniq, acc)
       else:
-        n_out = _n_out(name=key, params=params)
+        n_out = int(np.prod(layout_of(key).split(tuple(leaves[key].shape))[2]))
         f = g2.reshape(-1, n_out).sum(0)
         fisher[key] = f if key not in fisher else fisher[key] + f
     if show_progress:
@@ -116,36 +117,13 @@ def output_fisher(params: Params, cfg: ModelConfig, windows: np.ndarray, names: 
   return fisher, lookups
 
 
-def _leaf(params, name):
-  return dict(zip(leaf_names(params), jax.tree.leaves(params), strict=True))[name]
-
-
-def _n_out(name, params):
-  w = _leaf(params, name)
-  return int(np.prod(layout_of(name).split(tuple(w.shape))[2]))
+def _leaves(params) -> dict:
+  return dict(zip(leaf_names(params), jax.tree.leaves(params), strict=True))
 
 
 # ----------------------------------------------------------------------------- errors
-@jax.jit
-def _row_errors(e, h):
-  """diag(E H Eᵀ) summed over the batch: e [B, R, n], h [B, n, n] -> [R]."""
-  return jnp.sum(jnp.einsum("bri,bij->brj", e, h) * e, axis=(0, 2))
-
-
-def row_errors(w: jax.Array, h: jax.Array, spec: QuantSpec, name: str) -> np.ndarray:
-  """(ΔW H ΔWᵀ)_rr of the data-free quantization of w at `spec` (summed over experts)."""
-  layout = layout_of(name)
-  q = quantize(w, spec, layout)
-  blocks, _ = to_blocks(w - dequantize(q).astype(w.dtype), spec, layout)
-  n_in = h.shape[-1]
-  e = blocks.reshape(*blocks.shape[:-2], -1)[..., :n_in]
-  return np.asarray(_row_errors(e.reshape(-1, *e.shape[-2:]), h.reshape(-1, n_in, n_in)))
-
-
-def lookup_errors(w: jax.Array, ids: np.ndarray, g2: np.ndarray, spec: QuantSpec,
-                  name: str) -> float:
-  """Σ_rows Σ_d g² ΔW[row, d]² over the table rows the calibration text reads."""
-  q = quantize(w, spec, layout_of(name))
+def lookup_errors(w: jax.Array, q: QArray, ids: np.ndarray, g2: np.ndarray) -> float:
+  """Σ_rows Σ_d g² ΔW[row, d]² over the table rows the calibration text reads (q: w quantized)."""
   ids = jnp.asarray(ids)
   delta = (w[ids].astype(jnp.float32) - q[ids].astype(jnp.float32)).reshape(ids.size, -1)
   return float(np.sum(g2 * np.asarray(delta, np.float64) ** 2))
@@ -157,20 +135,20 @@ def sensitivities(params: Params, cfg: ModelConfig, windows: np.ndarray, recipe:
   names = {n for n in leaf_names(params) if recipe.spec_of(n) is not None}
   fisher, lookups = output_fisher(params, cfg, windows, names, show_progress)
   tokens = windows.size
+  leaves = _leaves(params)
   sens = {n: np.zeros(len(cands)) for n in names}
 
   def measure(tree, prefix, stats, probed):
     for name in sorted(probed):
-      w = _leaf(params, name)
-      if name in stats and name in fisher:
-        rows = 1 if stats[name].ndim == 2 else cfg.top_k_experts
-        for i, spec in enumerate(cands):
-          e = row_errors(w, stats[name], spec, name)
+      w = leaves[name]
+      for i, spec in enumerate(cands):
+        q = quantize(w, spec, layout_of(name))  # the data-free error ΔW at this width
+        if name in stats and name in fisher:
+          rows = 1 if stats[name].ndim == 2 else cfg.top_k_experts
+          e = np.asarray(row_errors(w, q, stats[name]))
           sens[name][i] += 0.5 * float(np.dot(fisher[name], e)) / (tokens * rows)
-      if name in lookups:
-        ids, g2 = lookups[name]
-        for i, spec in enumerate(cands):
-          sens[name][i] += 0.5 * lookup_errors(w, ids, g2, spec, name)
+        if name in lookups:
+          sens[name][i] += 0.5 * lookup_errors(w, q, *lookups[name])
     return {}
 
   walk(params, cfg, windows, lambda n: n in names, measure, show_progress,
@@ -223,8 +201,7 @@ def solve(sens: dict[str, np.ndarray], bits: dict[str, np.ndarray], sizes: dict[
 
 def stored_bits(shape: tuple[int, ...], spec: QuantSpec, name: str) -> float:
   """Stored bits per weight of a `shape` tensor at `spec` (block planning and packing included)."""
-  q = abstract_qarray(tuple(shape), "float32", spec, layout_of(name))
-  return 8 * nbytes(q) / float(np.prod(shape))
+  return bits_per_weight(abstract_qarray(tuple(shape), "float32", spec, layout_of(name)))
 
 
 def allocate(params: Params, cfg: ModelConfig, recipe: Recipe | str, windows: np.ndarray,
@@ -235,7 +212,8 @@ def allocate(params: Params, cfg: ModelConfig, recipe: Recipe | str, windows: np
   cands = candidates(recipe)
   check_target(target, cands)
   sens = sensitivities(params, cfg, windows, recipe, cands, show_progress)
-  shapes = {n: tuple(_leaf(params, n).shape) for n in sens}
+  leaves = _leaves(params)
+  shapes = {n: tuple(leaves[n].shape) for n in sens}
   sizes = {n: int(np.prod(s)) for n, s in shapes.items()}
   bits = {n: np.asarray([stored_bits(shapes[n], c, n) for c in cands]) for n in sens}
   choice = solve(sens, bits, sizes, target)

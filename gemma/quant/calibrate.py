@@ -113,8 +113,8 @@ def _replace(tree, prefix: str, new: dict):
 
 @dataclasses.dataclass
 class Report:
-  """What calibration did: per weight, the method used and its H-weighted error ratio to RTN
-  (when measured); weights without statistics fell back to RTN."""
+  """What calibration did: the method used per weight ("rtn" for table lookups and for weights
+  without statistics, which are also listed in no_data) and the wall time."""
 
   methods: dict[str, str] = dataclasses.field(default_factory=dict)
   no_data: list[str] = dataclasses.field(default_factory=list)
@@ -135,14 +135,12 @@ def _quantize_leaves(tree, prefix: str, recipe: Recipe, hessians: dict, calib: C
     if spec is None or (only is not None and name not in only):
       continue
     h = hessians.get(name)
-    if name in LOOKUPS:
+    no_data = h is None or not float(jnp.trace(h.reshape(-1, *h.shape[-2:]).sum(0))) > 0
+    if name in LOOKUPS or no_data:
       out[name] = quantize(leaf, spec, layout_of(name))
       report.methods[name] = "rtn"
-      continue
-    if h is None or not float(jnp.trace(h.reshape(-1, *h.shape[-2:]).sum(0))) > 0:
-      out[name] = quantize(leaf, spec, layout_of(name))
-      report.methods[name] = "rtn"
-      report.no_data.append(name)
+      if name not in LOOKUPS:
+        report.no_data.append(name)
       continue
     if h.ndim == 3:  # experts: per-expert H; an expert without tokens gets H = I (RTN)
       empty = jnp.trace(h, axis1=1, axis2=2) <= 0

@@ -28,7 +28,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma.quant.qarray import MATH_LAYOUT, Layout, QArray, QuantSpec, assemble, to_blocks
+from gemma.quant.qarray import (
+  MATH_LAYOUT,
+  Layout,
+  QArray,
+  QuantSpec,
+  assemble,
+  dequantize,
+  to_blocks,
+)
 
 METHODS = ("gptq", "awq-scale")
 DAMP = 0.01  # relative damping of H (fraction of its mean diagonal), as in GPTQ
@@ -300,22 +308,30 @@ def quantize_weight(w: jax.Array, h: jax.Array, spec: QuantSpec, layout: Layout 
   return assemble(spec, layout, w.shape, w.dtype, idx, scales)
 
 
-def weighted_error(w: jax.Array, q: QArray, h: jax.Array) -> float:
-  """tr((W − Ŵ) H (W − Ŵ)ᵀ) summed over rows (and batch), in the original basis: the summed
-  squared output error over the calibration inputs. w: [*batch, *in, *out] (or in_last)."""
-  from gemma.quant.qarray import dequantize
+def row_errors(w: jax.Array, q: QArray, h: jax.Array) -> jax.Array:
+  """(ΔW H ΔWᵀ)_rr per output row, summed over the batch (experts), in the original basis: each
+  row's squared output error over the calibration inputs.
 
-  blocks, spec = to_blocks(w - dequantize(q).astype(w.dtype), q.spec, q.layout)
-  e = blocks.reshape(*blocks.shape[:-2], -1)  # [*batch, R, n]
+  Args:
+    w: the float weight [*batch, *in, *out] (or in_last); q: its quantization;
+    h: [*batch, n_in, n_in]. Returns [R] float32.
+  """
+  blocks, _ = to_blocks(w - dequantize(q).astype(w.dtype), q.spec, q.layout)
   n_in = h.shape[-1]
-  e = e[..., :n_in].reshape(-1, e.shape[-2], n_in)
-  hs = jnp.asarray(h, jnp.float32).reshape(-1, n_in, n_in)
-  return float(sum(_row_error(e[i], hs[i]) for i in range(e.shape[0])))
+  e = blocks.reshape(*blocks.shape[:-2], -1)[..., :n_in]  # [*batch, R, n_in]
+  return _row_errors(e.reshape(-1, *e.shape[-2:]),
+                     jnp.asarray(h, jnp.float32).reshape(-1, n_in, n_in))
 
 
 @jax.jit
-def _row_error(e, h):
-  return jnp.sum(jnp.einsum("ri,ij->rj", e, h, precision=_HI) * e)
+def _row_errors(e, h):
+  """e [B, R, n], h [B, n, n] -> [R]: diag(E H Eᵀ) summed over B."""
+  return jnp.sum(jnp.einsum("bri,bij->brj", e, h, precision=_HI) * e, axis=(0, 2))
+
+
+def weighted_error(w: jax.Array, q: QArray, h: jax.Array) -> float:
+  """tr((W − Ŵ) H (W − Ŵ)ᵀ): the summed squared output error over the calibration inputs."""
+  return float(jnp.sum(row_errors(w, q, h)))
 
 
 def hessian_of(x: jax.Array) -> jax.Array:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -101,7 +102,8 @@ def observe_einsum(spec: str, x: jax.Array, p: Probe) -> None:
   xs = spec.replace(" ", "").split("->")[0].split(",")[0]
   rest = "".join(c for c in xs if c not in letters)
   # [M, n_in]: every position's input vector, in the weight's input-axis order
-  flat = jnp.einsum(f"{xs}->{rest}{letters}", x).reshape(-1, _prod(x, xs, letters))
+  n_in = math.prod(x.shape[xs.index(c)] for c in letters)
+  flat = jnp.einsum(f"{xs}->{rest}{letters}", x).reshape(-1, n_in)
   flat = flat.astype(jnp.float32)
   _ACTIVE[-1].add(p.name, jnp.einsum("mi,mj->ij", flat, flat, precision=_HI))
 
@@ -122,13 +124,6 @@ def note_output(p: Probe, out: jax.Array) -> None:
   """Records the shape of a probe's output (before its tap is added)."""
   if _ACTIVE:
     _ACTIVE[-1].outputs[p.name] = tuple(out.shape)
-
-
-def _prod(x, xs, letters):
-  n = 1
-  for c in letters:
-    n *= x.shape[xs.index(c)]
-  return n
 
 
 def wrap(tree, names: set[str] | None = None, prefix: str = "", taps: dict | None = None):
