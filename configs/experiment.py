@@ -7,11 +7,11 @@ An `Experiment` (frozen) names its kind, a base object and its grid points; poin
 Kinds and their bases:
   eval        `EvalPoint`: weights quantized by one uniform `QuantSpec` (or a named recipe) and a
               KV cache width; perplexity / KL / top-1 agreement against the float model
-              (`gemma.evaluate.evaluate_many`).
+              (`gemma.inference.evaluate.evaluate_many`).
   distortion  `Distortion`: a Monte Carlo of TurboQuant's D_mse at one bit width
               (`gemma.quant.montecarlo.distortion`), against the paper's bounds.
-  finetune    `gemma.finetune.FinetuneConfig` (configs/finetune_tiny.py): a fine-tuning run
-              (`gemma.finetune.train`), e.g. with structural `ablations`.
+  finetune    `gemma.training.FinetuneConfig` (configs/finetune_tiny.py): a fine-tuning run
+              (`gemma.training.train`), e.g. with structural `ablations`.
 
 One file per experiment under configs/ablations/, each with `get_config() -> Experiment`; run
 with `python scripts/ablate.py --config configs/ablations/NAME.py --out DIR`.
@@ -26,9 +26,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from gemma.config_file import load_config_file
 from gemma.quant.qarray import QuantSpec
 from gemma.quant.recipes import Recipe, get_recipe, uniform
+from gemma.training.config_file import load_config_file
 
 KINDS = ("eval", "distortion", "finetune")
 _TQ = ("tq", "tq_prod")
@@ -41,7 +41,7 @@ class EvalPoint:
   Weights: every weight class quantized by one `QuantSpec(method, bits, block, rotation, law,
   scale_fit)` (`gemma.quant.recipes.uniform`; baselines never rotate, as in `RECIPES`), or the
   named recipe `recipe` (a `RECIPES` key) when given, or float with method=None.
-  kv_quant: the KV cache (`gemma.kv_quant.CHOICES`); None: a plain forward pass without a cache.
+  kv_quant: the KV cache (`gemma.kv.quant.CHOICES`); None: a plain forward pass without a cache.
   """
 
   method: str | None = "tq"

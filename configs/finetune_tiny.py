@@ -9,8 +9,8 @@ Under 2 minutes on 2 CPU cores; the loss falls well below half its first value. 
 
 from pathlib import Path
 
-from gemma.config import pattern
-from gemma.finetune import FinetuneConfig
+from gemma.model.config import pattern
+from gemma.training import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

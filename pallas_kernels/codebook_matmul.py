@@ -297,9 +297,3 @@ def bytes_read(m: int, k: int, n: int, bits: int, block: int, x_itemsize: int = 
                scale_itemsize: int = 2) -> int:
   """HBM bytes one call must read: codes, scales and activations (outputs not counted)."""
   return k * n * bits // 8 + (k // block) * n * scale_itemsize + m * k * x_itemsize
-
-
-def flops(m: int, k: int, n: int) -> int:
-  return 2 * m * k * n
-
-

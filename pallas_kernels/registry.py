@@ -32,11 +32,6 @@ _default: list[str | None] = [os.environ.get("GEMMA_KERNEL_IMPL") or None]
 _seen: dict[tuple[str, str], str] = {}
 
 
-def register(op: str, pallas: Callable, xla: Callable) -> None:
-  """Adds an op: its Pallas wrapper (taking interpret=) and its plain-jnp reference."""
-  _KERNELS[op] = {"pallas": pallas, "xla": xla}
-
-
 def set_default_impl(impl: str | None) -> None:
   """Process-wide impl for calls with impl=None (None: Pallas on GPU, XLA elsewhere).
 

@@ -13,7 +13,7 @@ Agg). Progress goes to stderr.
 Kinds: eval (weights / KV cache quantization of a checkpoint, default the real Gemma 3 270M:
 perplexity, KL and top-1 agreement against the float model; all points are scored in one pass
 over the text, the reference model running once per window), distortion (Monte Carlo D_mse vs
-the paper's bounds) and finetune (`gemma.finetune.train` per point; final loss).
+the paper's bounds) and finetune (`gemma.training.train` per point; final loss).
 
 --max-tokens / --context / --checkpoint / --text override the experiment's eval settings;
 --set FIELD=VALUE replaces a field of the base setting (a Python literal, else a string), e.g.
@@ -40,9 +40,10 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 from configs.experiment import Experiment, Plot, load_config, paper_bounds  # noqa: E402
-from gemma.formats.common import log  # noqa: E402
+from gemma.io.formats.common import log  # noqa: E402
 
 Row = dict
 Emit = Callable[[Row], None]
@@ -50,14 +51,11 @@ Emit = Callable[[Row], None]
 
 # ------------------------------------------------------------------------------------- runners
 def run_eval(exp: Experiment, emit: Emit, meta: dict) -> None:
-  import jax.numpy as jnp
-
-  from gemma import kv_quant as KV
-  from gemma.checkpoint import load
-  from gemma.evaluate import evaluate_many
+  from gemma.inference.evaluate import evaluate_many
+  from gemma.io.checkpoint import load, load_tokenizer
+  from gemma.kv import quant as KV
   from gemma.quant.footprint import size_report
   from gemma.quant.recipes import quantize_params
-  from gemma.tokenizer import load_tokenizer
 
   if exp.checkpoint:
     checkpoint = exp.checkpoint
@@ -132,7 +130,7 @@ def run_distortion(exp: Experiment, emit: Emit, meta: dict) -> None:
 
 
 def run_finetune(exp: Experiment, emit: Emit, meta: dict) -> None:
-  from gemma.finetune import train
+  from gemma.training import train
 
   resolved = exp.resolved()
   for i, (point, ft) in enumerate(resolved):

@@ -34,10 +34,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gemma import config as C  # noqa: E402
-from gemma import params as P  # noqa: E402
-from gemma.decode import generate  # noqa: E402
-from gemma.kv_quant import parse_kv_cache  # noqa: E402
+from gemma.inference.decode import generate  # noqa: E402
+from gemma.kv.quant import parse_kv_cache  # noqa: E402
+from gemma.model import config as C  # noqa: E402
+from gemma.model import params as P  # noqa: E402
 from gemma.quant.footprint import kv_cache_bytes, quantized_abstract, size_report  # noqa: E402
 from gemma.quant.qarray import QArray  # noqa: E402
 from gemma.quant.recipes import RECIPES, get_recipe  # noqa: E402

@@ -31,7 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gemma import config as C  # noqa: E402
+from gemma.model import config as C  # noqa: E402
 from gemma.quant import codebook, packing  # noqa: E402
 from pallas_kernels import codebook_matmul as cm  # noqa: E402
 

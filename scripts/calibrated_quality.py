@@ -34,15 +34,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gemma.checkpoint import load  # noqa: E402
-from gemma.evaluate import evaluate_many  # noqa: E402
-from gemma.formats.common import log  # noqa: E402
-from gemma.formats.gguf_file import open_gguf  # noqa: E402
+from gemma.inference.evaluate import evaluate_many  # noqa: E402
+from gemma.io.checkpoint import load, load_tokenizer  # noqa: E402
+from gemma.io.formats.common import log  # noqa: E402
+from gemma.io.formats.gguf_file import open_gguf  # noqa: E402
 from gemma.quant import allocate  # noqa: E402
 from gemma.quant.calibrate import Calibration, calibrate, calibration_windows  # noqa: E402
 from gemma.quant.footprint import size_report  # noqa: E402
 from gemma.quant.recipes import RECIPES, quantize_params  # noqa: E402
-from gemma.tokenizer import load_tokenizer  # noqa: E402
 from scripts.quant_quality import default_checkpoint  # noqa: E402
 
 RTN = ("tq4", "tq4-embed8", "tq4-g32-embed8", "nf4-g32-embed8", "int4-g32-embed8",

@@ -3,7 +3,7 @@ needle-in-a-haystack retrieval, for every --kv-quant width.
 
 Default: the real Gemma 3 270M GGUF weights on data/alice_in_wonderland.txt, windows of 1024
 tokens. Every scored token attends to the stored (quantized) keys and values of all earlier
-tokens and of itself, exactly as in streaming decode (`gemma.evaluate.log_probs`).
+tokens and of itself, exactly as in streaming decode (`gemma.inference.evaluate.log_probs`).
 
   .venv/bin/python scripts/kv_quality.py [--checkpoint PATH] [--text FILE] [--widths ...]
       [--context 1024] [--max-tokens N] [--needle-tokens 4096] [--attribution] [--seeds N]
@@ -33,13 +33,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gemma.checkpoint import load  # noqa: E402
-from gemma.decode import generate  # noqa: E402
-from gemma.evaluate import NEEDLE_ANSWER, evaluate_many, needle_prompt  # noqa: E402
-from gemma.formats.common import log  # noqa: E402
-from gemma.kv_quant import KVQuant, bits_per_channel, get_kv_quant, parse_kv_cache  # noqa: E402
+from gemma.inference.decode import generate  # noqa: E402
+from gemma.inference.evaluate import NEEDLE_ANSWER, evaluate_many, needle_prompt  # noqa: E402
+from gemma.io.checkpoint import load, load_tokenizer  # noqa: E402
+from gemma.io.formats.common import log  # noqa: E402
+from gemma.kv.quant import KVQuant, bits_per_channel, get_kv_quant, parse_kv_cache  # noqa: E402
 from gemma.quant.footprint import kv_cache_bytes  # noqa: E402
-from gemma.tokenizer import load_tokenizer  # noqa: E402
 from scripts.quant_quality import default_checkpoint  # noqa: E402
 
 DEFAULT_WIDTHS = ("tq2", "tq2.5", "tq3", "tq3.5", "tq4", "tq3.5-mse", "tq4-mse")

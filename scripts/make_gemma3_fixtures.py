@@ -164,7 +164,7 @@ def write_readme(out: Path, r: dict) -> None:
     "(q/k norms included) has w ~ U(-0.5, 0.5), the final norm w ~ U(1, 3): none is left at "
     "its default 0.",
     "",
-    "Generated with the reference venv (`shared/tools/make_reference_venv.sh .venv-ref`) by:",
+    "Generated with a reference venv (.venv-ref: transformers and torch, versions below) by:",
     "",
     "    .venv-ref/bin/python scripts/make_gemma3_fixtures.py --out tests/fixtures/gemma3",
     "",

@@ -245,7 +245,7 @@ def write_readme(out: Path, rows: list[dict]) -> None:
         "router proj N(0, 2); every norm scale, `layer_scalar`, `router.scale` and "
         "`router.per_expert_scale` ~ U(0.5, 1.5), final norm ~ U(2, 4): none is left at 1.",
         "",
-        f"Generated with the reference venv (`shared/tools/make_reference_venv.sh {venv}`) by:",
+        f"Generated with a reference venv ({venv}: transformers and torch, versions below) by:",
         "",
         f"    {venv}/bin/python scripts/make_reference_fixtures.py --out tests/fixtures",
         "",

@@ -5,7 +5,7 @@
 
 Writes `--preset` shrunk to `--layers` layers and `--embed-dim` width (vocabulary 262144 kept) as
 random weights in three formats: an HF directory (float32 safetensors with HF names, via the
-inverse of gemma/formats/hf.py's transforms), our converted format (float32 and `--dtype`), and
+inverse of gemma/io/formats/hf.py's transforms), our converted format (float32 and `--dtype`), and
 the official Orbax layout (float32, unstacked). Each load runs in a fresh subprocess that reports
 its peak RSS (VmHWM in /proc/self/status), its RSS after importing jax (the baseline) and the peak
 of RssAnon polled every 2 ms (VmHWM also counts file pages mapped by safetensors' mmap, which are
@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def shrunk_config(preset: str, layers: int, embed_dim: int):
-  from gemma import config as C
+  from gemma.model import config as C
 
   base = C.get_preset(preset)
   heads = max(2, embed_dim // 128)
@@ -48,9 +50,7 @@ def shrunk_config(preset: str, layers: int, embed_dim: int):
 
 def random_params(cfg, seed: int = 0):
   """float32 numpy leaves of abstract(cfg), scales near 1 and weights N(0, 0.02²)."""
-  import jax
-
-  from gemma import params as P
+  from gemma.model import params as P
 
   rng = np.random.default_rng(seed)
   tree = P.abstract(cfg)
@@ -134,12 +134,11 @@ def dir_bytes(path: Path) -> int:
 
 
 def write_all(cfg, out: Path, dtype: str, orbax: bool) -> dict[str, Path]:
-  import jax.numpy as jnp
   from safetensors.numpy import save_file
 
-  from gemma.config import from_hf_config
-  from gemma.formats import converted
-  from gemma.params import abstract
+  from gemma.io.formats import converted
+  from gemma.io.formats.hf_config import from_hf_config
+  from gemma.model.params import abstract
 
   params = random_params(cfg)
   hf = out / "hf"
@@ -164,8 +163,6 @@ def write_all(cfg, out: Path, dtype: str, orbax: bool) -> dict[str, Path]:
 
 
 def jax_cast(params, dtype):
-  import jax
-
   return jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
 
 
@@ -187,8 +184,8 @@ def poll():
     peak_anon[0] = max(peak_anon[0], status()["RssAnon"])
     time.sleep(0.002)
 jnp.zeros(1).block_until_ready()
-from gemma import checkpoint
-from gemma.formats import converted, orbax_official
+from gemma.io import checkpoint
+from gemma.io.formats import converted, orbax_official
 base, base_anon = status()["VmRSS"], status()["RssAnon"]
 threading.Thread(target=poll, daemon=True).start()
 kind, path, dtype = {kind!r}, {path!r}, jnp.dtype({dtype!r})

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma.checkpoint import load_hf
-from gemma.model import forward
+from gemma.io.checkpoint import load_hf
+from gemma.model.transformer import forward
 
 
 def main() -> None:

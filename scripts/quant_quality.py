@@ -29,12 +29,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from gemma.checkpoint import load  # noqa: E402
-from gemma.evaluate import evaluate_many  # noqa: E402
-from gemma.formats.common import log  # noqa: E402
+from gemma.inference.evaluate import evaluate_many  # noqa: E402
+from gemma.io.checkpoint import load, load_tokenizer  # noqa: E402
+from gemma.io.formats.common import log  # noqa: E402
 from gemma.quant.footprint import size_report  # noqa: E402
 from gemma.quant.recipes import RECIPES, quantize_params  # noqa: E402
-from gemma.tokenizer import load_tokenizer  # noqa: E402
 
 DEFAULT_RECIPES = ("tq4", "tq3", "tq2", "int8", "int4", "nf4")
 

@@ -2,12 +2,13 @@
 
 import dataclasses
 import os
+import shutil
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
-from gemma import config as C  # noqa: E402
+from gemma.model import config as C  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 FAMILIES = ("e_style", "dense_keqv", "moe", "gemma3")
@@ -34,8 +35,6 @@ def tiny(preset: str, **overrides) -> C.ModelConfig:
 @pytest.fixture(scope="session")
 def e_style_ckpt(tmp_path_factory):
   """The e_style fixture (HF directory) plus a small SentencePiece tokenizer (vocab 512)."""
-  import shutil
-
   from tests.test_chat import GEMMA4_SPECIALS, _sentencepiece
 
   path = tmp_path_factory.mktemp("e_style_ckpt")

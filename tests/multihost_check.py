@@ -5,10 +5,10 @@
     --process-id I [--fixture e_style]
 
 (one command per process, I = 0 and 1). Each process joins the run with
-`gemma.distributed.initialize`, sees 8 global devices (4 its own), loads the fixture in float32,
+`gemma.parallel.distributed.initialize`, sees 8 global devices (4 its own), loads the fixture in float32,
 places the params on the global 2x4 (data, model) mesh (data across processes, model within
-one) with `gemma.distributed.shard_params` and, again, with `gemma.sharding.shard_params`
-(jax.device_put), and where `gemma.checkpoint.load` takes a `mesh`, loaded straight into the
+one) with `gemma.parallel.distributed.shard_params` and, again, with `gemma.parallel.sharding.shard_params`
+(jax.device_put), and where `gemma.io.checkpoint.load` takes a `mesh`, loaded straight into the
 mesh (each process reading its own slices); runs the jitted `forward` on the reference prompt
 and gathers the logits to host; then greedy `generate(..., mesh=)` (params and KV cache across
 both processes). Process 0 also runs the same forward on one of its own devices
@@ -27,7 +27,7 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gemma import distributed  # noqa: E402  (imports no JAX backend)
+from gemma.parallel import distributed  # noqa: E402  (imports no JAX backend)
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
@@ -48,9 +48,9 @@ def main(argv=None) -> int:
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from gemma import sharding
-  from gemma.checkpoint import load
-  from gemma.model import forward
+  from gemma.io.checkpoint import load
+  from gemma.model.transformer import forward
+  from gemma.parallel import sharding
 
   assert jax.process_count() == args.num_processes, jax.process_count()
   assert jax.process_index() == args.process_id, jax.process_index()
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     loaded = distributed.to_host(run(direct, g_tokens, g_positions, cfg)[0])[0]
   # greedy generation with params and KV cache sharded across both processes (every process
   # runs the same loop; sampled ids come back replicated)
-  from gemma.decode import generate
+  from gemma.inference.decode import generate
 
   generated = generate(params, cfg, [list(ids)], 4, eos_ids=(), mesh=mesh).tokens
 

@@ -1,6 +1,6 @@
-"""Writes official-layout Gemma 4 Orbax checkpoints (docs §4.2) from our Params, for tests.
+"""Writes official-layout Gemma 4 Orbax checkpoints (unstacked and stacked layouts) from our Params, for tests.
 
-Applies the inverse of `gemma.formats.orbax_official`'s transforms. KV-shared layers get dead
+Applies the inverse of `gemma.io.formats.orbax_official`'s transforms. KV-shared layers get dead
 `kv_einsum`/`k_einsum` and `key_norm` copies of their producer (as the released checkpoints do),
 and a fake vision encoder leaf and multimodal projection are added.
 """
@@ -12,8 +12,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from gemma.config import ModelConfig
-from gemma.params import Params
+from gemma.model.config import ModelConfig
+from gemma.model.params import Params
 
 
 def _np(x) -> np.ndarray:
@@ -74,7 +74,7 @@ def _layer(cfg: ModelConfig, params: Params, i: int) -> dict:
 
 
 def official_tree(cfg: ModelConfig, params: Params, stacked: bool = False) -> dict:
-  """The nested `{"transformer": {...}}` tree of §4.2 (plus a fake vision encoder leaf)."""
+  """The nested `{"transformer": {...}}` tree of the official layout (plus a fake vision encoder leaf)."""
   embedder = {"input_embedding": _np(params.embed),
               "mm_input_projection": {"w": np.ones((8, cfg.embed_dim), np.float32)}}
   if params.ple_embed is not None:

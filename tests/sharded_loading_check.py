@@ -31,11 +31,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from gemma import sharding  # noqa: E402
-from gemma.checkpoint import load  # noqa: E402
-from gemma.formats import common  # noqa: E402
-from gemma.formats import converted as CV  # noqa: E402
-from gemma.params import leaf_names  # noqa: E402
+from gemma.io.checkpoint import load  # noqa: E402
+from gemma.io.formats import common  # noqa: E402
+from gemma.io.formats import converted as CV  # noqa: E402
+from gemma.model.params import leaf_names  # noqa: E402
+from gemma.parallel import sharding  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 LEAVES: list[dict] = []  # one record per `place` call (the sharded HF path)

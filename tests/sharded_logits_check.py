@@ -3,7 +3,7 @@
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_logits_check.py FIXTURE...
 
 For each fixture: float32 logits of the reference prompt on one device, then with params placed
-by `gemma.sharding.shard_params` on meshes 1x8, 2x4 and 8x1 (and, for the first fixture, a
+by `gemma.parallel.sharding.shard_params` on meshes 1x8, 2x4 and 8x1 (and, for the first fixture, a
 TurboQuant-quantized copy, its QArrays split along rotation blocks, on every mesh, and a
 GPTQ-calibrated tq4 copy on 2x4). Then the
 dense_keqv fixture's prefill + one decode step through a TurboQuant tq3 KV cache (and tq4 weights)
@@ -11,6 +11,7 @@ on 2x4 / 1x8, and greedy `generate(..., mesh=)` tokens on 2x4. Prints one JSON l
 {fixture: {kind@mesh: {rel_fro: ‖Δ‖/‖logits‖, rel_max: max|Δ|/max|logits|}}, "_cache": ...}.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -22,12 +23,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gemma import sharding  # noqa: E402
-from gemma.checkpoint import load  # noqa: E402
-from gemma.finetune import fit  # noqa: E402
-from gemma.model import forward  # noqa: E402
+from gemma.io.checkpoint import load  # noqa: E402
+from gemma.model.transformer import forward  # noqa: E402
+from gemma.parallel import sharding  # noqa: E402
 from gemma.quant.calibrate import Calibration, calibrate, calibration_windows  # noqa: E402
 from gemma.quant.recipes import quantize_params  # noqa: E402
+from gemma.training import fit  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 MESHES = ("1x8", "2x4", "8x1")
@@ -71,8 +72,8 @@ def quantized_cache_steps(name: str) -> dict:
   stores (codes and signs bit-equal; float16 norms equal up to a rounding step), the logits of a
   decode step over the same stored cache, and the prefill logits; then greedy
   `generate(..., mesh=)` tokens vs single device."""
-  from gemma.cache import init_cache
-  from gemma.decode import GREEDY, bucket_inputs, decode_step, generate, prefill_step
+  from gemma.inference.decode import GREEDY, bucket_inputs, decode_step, generate, prefill_step
+  from gemma.kv.cache import init_cache
 
   path = os.path.join(FIXTURES, name)
   ids = np.load(os.path.join(path, "reference.npz"))["prompt_ids"]
@@ -120,8 +121,6 @@ def quantized_cache_steps(name: str) -> dict:
 
 def finetune_steps() -> dict:
   """Two full fine-tuning steps of a tiny random-init model, single device vs a 2x4 mesh."""
-  import dataclasses
-
   from configs.finetune_tiny import get_config
 
   cfg = dataclasses.replace(get_config(), steps=2, warmup_steps=1, batch_size=4)

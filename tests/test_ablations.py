@@ -17,9 +17,9 @@ from configs.experiment import (
   load_config,
   paper_bounds,
 )
-from gemma import config as C
-from gemma import kv_quant as KV
-from gemma import params as P
+from gemma.kv import quant as KV
+from gemma.model import config as C
+from gemma.model import params as P
 from gemma.quant.footprint import footprint
 from gemma.quant.qarray import QuantSpec
 from gemma.quant.recipes import RECIPES, Recipe
@@ -62,7 +62,7 @@ def test_every_experiment_builds(name):
     elif exp.kind == "distortion":
       assert 1 <= setting.bits <= 8 and setting.rotation in ("haar", "hadamard")
     else:
-      from gemma.finetune import FinetuneConfig, model_config
+      from gemma.training import FinetuneConfig, model_config
 
       assert isinstance(setting, FinetuneConfig)
       assert set(setting.ablations) <= set(ablations.ABLATIONS)
@@ -200,7 +200,7 @@ def test_ablate_finetune_grid_end_to_end(tmp_path):
   assert no_ple["ablations"] == ["no_ple"]
   assert no_ple["steps"] == 2 and no_ple["loss_first"] > 0 and no_ple["loss_last"] > 0
   from configs.finetune_tiny import get_config
-  from gemma.finetune import model_config
+  from gemma.training import model_config
 
   full = P.count(P.abstract(model_config(get_config())))
   assert no_ple["trainable_params"] < full  # the PLE tables and projections are gone

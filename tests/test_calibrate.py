@@ -11,15 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma import cli, lora
-from gemma import model as M
-from gemma.checkpoint import load
-from gemma.formats.converted import read_recipe, save_converted
-from gemma.layers import einsum, ragged_dot, rms_norm
-from gemma.params import init
+from gemma.cli import app as cli
+from gemma.io.checkpoint import load
+from gemma.io.formats.converted import read_recipe, save_converted
+from gemma.model import transformer as M
+from gemma.model.layers import einsum, ragged_dot, rms_norm
+from gemma.model.params import init
 from gemma.quant import QArray, allocate, calibrate, gptq, probe, recipes
 from gemma.quant.footprint import size_report
 from gemma.quant.qarray import QuantSpec
+from gemma.training import lora
 from pallas_kernels import registry
 from tests.conftest import tiny
 

@@ -5,9 +5,10 @@ import random
 
 import pytest
 
-from gemma import chat
-from gemma.chat import Message
-from gemma.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
+from gemma.inference import chat
+from gemma.inference.chat import Message
+from gemma.io.checkpoint import load_tokenizer
+from gemma.io.tokenizer import HFTokenizer, Tokenizer
 
 GEMMA4_SPECIALS = ["<mask>", "<|think|>", "<|channel>", "<channel|>", "<|turn>", "<turn|>"]
 GEMMA3_SPECIALS = ["<start_of_turn>", "<end_of_turn>"]

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from gemma import params as P
-from gemma.checkpoint import CheckpointError, load, load_hf
-from gemma.cli import main
-from gemma.formats.common import Skip
-from gemma.formats.hf import map_name
+from gemma.cli.app import main
+from gemma.io.checkpoint import CheckpointError, load, load_hf
+from gemma.io.formats.common import Skip
+from gemma.io.formats.hf import map_name
+from gemma.model import params as P
 from tests.conftest import fixture_dir
 
 SRC = fixture_dir("e_style")

@@ -3,7 +3,7 @@
 import io
 import json
 
-from gemma import cli
+from gemma.cli import app as cli
 from tests.conftest import fixture_dir
 
 
@@ -12,7 +12,7 @@ def test_generate_chat_json(e_style_ckpt, capsys):
   assert cli.main(["generate", "--checkpoint", str(ckpt), "--prompt", "Hi there", "--chat",
                    "--system", "Be brief.", "--max-new-tokens", "5", "--json"]) == 0
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  from gemma.tokenizer import load_tokenizer
+  from gemma.io.checkpoint import load_tokenizer
 
   tok = load_tokenizer(ckpt)
   assert out["prompt_ids"][:2] == [2, tok.piece_to_id("<|turn>")]

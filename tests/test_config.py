@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from gemma import config as C
+from gemma.io.formats.hf_config import from_hf_config
+from gemma.model import config as C
 from tests.conftest import fixture_dir
 
 G, Lo = C.AttentionType.GLOBAL, C.AttentionType.LOCAL
@@ -65,13 +66,13 @@ def _released_e2b_json():
 
 
 def test_from_hf_released_config_matches_preset():
-  cfg = C.from_hf_config(_released_e2b_json())
+  cfg = from_hf_config(_released_e2b_json())
   assert dataclasses.replace(cfg, name="gemma4-e2b") == C.get_preset("gemma4-e2b")
 
 
 def test_from_hf_per_layer_config_wins():
   hf = json.load(open(f"{fixture_dir('dense_keqv')}/config.json"))
-  cfg = C.from_hf_config(hf)
+  cfg = from_hf_config(hf)
   glob = [s for s in cfg.layers if s.attention is G]
   assert glob and all(s.k_eq_v for s in glob)
   key = next(iter(hf["per_layer_config"]))
@@ -80,21 +81,21 @@ def test_from_hf_per_layer_config_wins():
   assert cfg.layers[int(key)].num_kv_heads == override["num_key_value_heads"]
   # a flat field that disagrees is overridden by per_layer_config
   hf2 = dict(hf, global_head_dim=999)
-  assert C.from_hf_config(hf2).layers[int(key)].head_dim == override["head_dim"]
+  assert from_hf_config(hf2).layers[int(key)].head_dim == override["head_dim"]
 
 
 def test_from_hf_bad_layer_type():
   hf = _released_e2b_json()
   hf["text_config"]["layer_types"][0] = "chunked_attention"
   with pytest.raises(ValueError, match="unknown layer type"):
-    C.from_hf_config(hf)
+    from_hf_config(hf)
 
 
 def test_ple_defaults_on_when_key_missing():
   hf = _released_e2b_json()["text_config"]
   del hf["hidden_size_per_layer_input"]
-  assert C.from_hf_config(hf).ple_dim == 256
-  assert C.from_hf_config(dict(hf, hidden_size_per_layer_input=None)).ple_dim == 0
+  assert from_hf_config(hf).ple_dim == 256
+  assert from_hf_config(dict(hf, hidden_size_per_layer_input=None)).ple_dim == 0
 
 
 def test_proportional_rope_frequencies():

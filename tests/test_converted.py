@@ -2,16 +2,17 @@
 
 import dataclasses
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma import config as C
-from gemma.checkpoint import load_hf
-from gemma.formats import converted as CV
-from gemma.formats.common import CheckpointError
+from gemma.io.checkpoint import convert, load_hf
+from gemma.io.formats import converted as CV
+from gemma.io.formats.common import CheckpointError
+from gemma.model import config as C
 from tests.conftest import FAMILIES, fixture_dir, tiny
 
 
@@ -108,8 +109,6 @@ def test_wrong_config_lists_leaves(saved, change, kind):
 
 
 def _copy(saved, tmp_path):
-  import shutil
-
   return shutil.copytree(saved[2], tmp_path / "copy")
 
 
@@ -125,8 +124,6 @@ def test_missing_and_corrupt_files(saved, tmp_path):
 
 
 def test_missing_params_dir(saved, tmp_path):
-  import shutil
-
   path = _copy(saved, tmp_path)
   shutil.rmtree(path / CV.PARAMS_DIR)
   with pytest.raises(CheckpointError, match="cannot read Orbax metadata"):
@@ -153,12 +150,10 @@ def test_save_refuses_to_overwrite_and_checks_shapes(saved, tmp_path):
 
 
 def test_convert_copies_tokenizer_and_generation_config(tmp_path, capsys):
-  import shutil
-
   src = shutil.copytree(fixture_dir("e_style"), tmp_path / "src")
   (src / "tokenizer.model").write_bytes(b"not really a tokenizer")
   (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 106]}))
-  out = CV.convert(src, tmp_path / "out", jnp.bfloat16)
+  out = convert(src, tmp_path / "out", jnp.bfloat16)
   assert "wrote" in capsys.readouterr().err
   assert (out / "tokenizer.model").read_bytes() == b"not really a tokenizer"
   assert (out / "generation_config.json").exists()

@@ -5,12 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma import params as P
-from gemma.cache import init_cache
-from gemma.checkpoint import load_hf
-from gemma.decode import bucket_length, decode_step, generate, left_pad, prefill
-from gemma.model import forward
-from gemma.sampling import Sampler
+from gemma.inference.decode import bucket_length, decode_step, generate, left_pad, prefill
+from gemma.inference.sampling import Sampler
+from gemma.io.checkpoint import load_hf
+from gemma.kv.cache import init_cache
+from gemma.model import params as P
+from gemma.model.transformer import forward
 from tests.conftest import FAMILIES, TINY_PRESETS, fixture_dir, tiny
 
 TOL = dict(rtol=2e-4, atol=2e-4)

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma import cli
-from gemma.evaluate import evaluate, log_probs, make_windows, scored_mask, window_sums
-from gemma.model import forward
-from gemma.params import init
+from gemma.cli import app as cli
+from gemma.inference.evaluate import evaluate, log_probs, make_windows, scored_mask, window_sums
+from gemma.model.params import init
+from gemma.model.transformer import forward
 from tests.conftest import tiny
 
 CONTEXT = 8

@@ -11,16 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma import chat, lora
-from gemma.checkpoint import load
-from gemma.cli import main as cli_main
-from gemma.config import pattern
-from gemma.finetune import FinetuneConfig, fit, load_trained, train
-from gemma.finetune import data as data_lib
-from gemma.finetune.loop import accumulated_grads, build
-from gemma.model import forward
+from gemma.cli.app import main as cli_main
+from gemma.inference import chat
+from gemma.io.checkpoint import load, load_tokenizer
+from gemma.model.config import pattern
+from gemma.model.transformer import forward
 from gemma.quant.qarray import QArray
-from gemma.tokenizer import load_tokenizer
+from gemma.training import FinetuneConfig, fit, load_trained, lora, train
+from gemma.training import data as data_lib
+from gemma.training.loop import accumulated_grads, build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

@@ -15,14 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma import config as C
-from gemma import params as P
-from gemma.cache import init_cache
-from gemma.decode import decode_step, generate, prefill
-from gemma.formats import hf
-from gemma.formats.gemma3_config import from_hf_gemma3_config, is_gemma3_config
-from gemma.model import forward
-from gemma.sampling import Sampler
+from gemma.inference.decode import decode_step, generate, prefill
+from gemma.inference.sampling import Sampler
+from gemma.io.formats import hf
+from gemma.io.formats.hf_config import from_hf_gemma3_config, is_gemma3_config
+from gemma.kv.cache import init_cache
+from gemma.model import config as C
+from gemma.model import params as P
+from gemma.model.transformer import forward
 from tests.conftest import fixture_dir
 
 G, Lo = C.AttentionType.GLOBAL, C.AttentionType.LOCAL
@@ -172,7 +172,7 @@ def _gemma3_4b_it():
 
 
 def _gemma3_270m_v5():
-  """Gemma 3 270M (facts from its GGUF, docs/environment.md) as transformers 5 writes it."""
+  """Gemma 3 270M (facts from its GGUF) as transformers 5 writes it."""
   types = ["full_attention" if i in (5, 11, 17) else "sliding_attention" for i in range(18)]
   return {
       "model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 640,

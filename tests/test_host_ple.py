@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma import host_ple
-from gemma.checkpoint import load
-from gemma.decode import generate
-from gemma.model import forward
+from gemma.inference.decode import generate
+from gemma.io.checkpoint import load
+from gemma.model.transformer import forward
+from gemma.parallel import host_ple
 from gemma.quant.recipes import quantize_params
 from tests.conftest import fixture_dir
 
@@ -67,7 +67,7 @@ def test_errors_name_the_problem(e_style):
 
 
 def test_cli_logits_and_plan(tmp_path, capsys):
-  from gemma.cli import main
+  from gemma.cli.app import main
 
   args = ["logits", "--checkpoint", fixture_dir("e_style"), "--prompt-ids", "2,17,5,9,33"]
   assert main([*args, "--out", str(tmp_path / "a.npy")]) == 0

@@ -5,8 +5,11 @@ GEMMA_KERNEL_TEST_IMPL=pallas runs the same comparisons compiled for a GPU (scri
 """
 
 import functools
+import json
 import logging
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -143,7 +146,8 @@ def test_registry_dispatch_falls_through_and_logs_once(caplog):
 
 def test_model_logits_through_the_kernel():
   """A quantized model gives the same logits with the kernel (interpret) and with XLA."""
-  from gemma import model, params
+  from gemma.model import params
+  from gemma.model import transformer as model
   from gemma.quant.recipes import quantize_params
   from tests.conftest import tiny
 
@@ -188,8 +192,6 @@ def test_kernels_lower_for_cuda(bits, variant):
 
 # --------------------------------------------------------------------------- scripts
 def _run_script(args):
-  import subprocess
-  import sys
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
                        timeout=600)
@@ -199,7 +201,6 @@ def _run_script(args):
 
 @pytest.mark.slow
 def test_bench_kernels_check_json():
-  import json
   line = json.loads(_run_script(["scripts/bench_kernels.py", "--check"])[-1])
   assert line["cases"] == 36
   assert line["max_rel_err_f32"] < 2e-5 and line["max_rel_err_bf16"] < 1.5e-2
@@ -207,7 +208,6 @@ def test_bench_kernels_check_json():
 
 @pytest.mark.slow
 def test_bench_decode_json_and_bytes():
-  import json
   r = json.loads(_run_script([
       "scripts/bench_decode.py", "--preset", "gemma4-e2b", "--quant", "tq4", "--layers", "6",
       "--embed-dim", "128", "--context", "8", "--new-tokens", "3", "--json"])[-1])

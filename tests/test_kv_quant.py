@@ -9,10 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma import cache as C
-from gemma import cli, config, model, params
-from gemma import kv_quant as KQ
-from gemma.attention import attend
+from gemma.cli import app as cli
+from gemma.io.formats.hf_config import from_hf_config
+from gemma.kv import cache as C
+from gemma.kv import quant as KQ
+from gemma.model import config, params
+from gemma.model import transformer as model
+from gemma.model.attention import attend
 from gemma.quant import footprint
 from pallas_kernels import registry
 from tests.conftest import fixture_dir, tiny
@@ -241,7 +244,7 @@ def test_decode_through_the_kernels_matches_xla():
 
 def test_evaluate_through_a_cache():
   """eval with a float32 cache == eval without one; a TurboQuant cache moves the logits."""
-  from gemma.evaluate import evaluate
+  from gemma.inference.evaluate import evaluate
 
   cfg, p = _cfg(), _params()
   ids = list(np.random.default_rng(4).integers(3, cfg.vocab_size, 40))
@@ -301,7 +304,7 @@ def test_generate_json_reports_kv_cache_bytes(capsys):
     assert cli.main(["generate", "--checkpoint", ckpt, "--prompt-ids", "2,17,5,9",
                      "--max-new-tokens", "3", "--kv-quant", kind, "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    cfg = config.from_hf_config(json.load(open(f"{ckpt}/config.json")))
+    cfg = from_hf_config(json.load(open(f"{ckpt}/config.json")))
     assert out["kv_quant"] == kind and len(out["token_ids"]) == 3
     assert out["kv_cache_bytes"] == footprint.kv_cache_bytes(cfg, 7, 1, 4, kind)
   assert cli.main(["generate", "--checkpoint", ckpt, "--prompt-ids", "2,17", "--max-new-tokens",

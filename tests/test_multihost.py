@@ -1,4 +1,4 @@
-"""Multi-host wiring (gemma/distributed.py): flag checks, and a real 2-process run on localhost.
+"""Multi-host wiring (gemma/parallel/distributed.py): flag checks, and a real 2-process run on localhost.
 
 The 2-process test starts tests/multihost_check.py twice (process ids 0 and 1, 4 host CPU
 devices each, JAX's Gloo CPU collectives), which join through `jax.distributed` into one
@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from gemma import distributed
+from gemma.parallel import distributed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -93,7 +93,7 @@ def test_single_process_helpers():
   import numpy as np
   from jax.sharding import PartitionSpec as P
 
-  from gemma import sharding
+  from gemma.parallel import sharding
 
   assert distributed.is_main_process()
   mesh = sharding.make_mesh("1x1")

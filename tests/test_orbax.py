@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma import config as C
-from gemma import params as P
-from gemma.checkpoint import load_hf
-from gemma.formats import orbax_official as O
-from gemma.formats.common import CheckpointError
+from gemma.io.checkpoint import load_hf
+from gemma.io.formats import orbax_official as O
+from gemma.io.formats.common import CheckpointError
+from gemma.model import config as C
+from gemma.model import params as P
 from tests.conftest import FAMILIES, fixture_dir, tiny
 from tests.orbax_synth import write_official
 

@@ -3,8 +3,8 @@
 import jax
 import pytest
 
-from gemma import config as C
-from gemma import params as P
+from gemma.model import config as C
+from gemma.model import params as P
 
 # Published totals (model cards / configs), in billions, rounded as published.
 PUBLISHED = {

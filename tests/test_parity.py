@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from gemma.cli import main
+from gemma.cli.app import main
 from tests.conftest import FAMILIES, fixture_dir
 
 

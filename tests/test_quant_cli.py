@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma import cli
-from gemma.checkpoint import CheckpointError, load
-from gemma.evaluate import evaluate, make_windows
-from gemma.formats.converted import save_converted
-from gemma.model import forward
-from gemma.params import leaf_names
+from gemma.cli import app as cli
+from gemma.inference.evaluate import evaluate, make_windows
+from gemma.io.checkpoint import CheckpointError, load
+from gemma.io.formats.converted import save_converted
+from gemma.model.params import leaf_names
+from gemma.model.transformer import forward
 from gemma.quant import QArray, quantize_params
 from gemma.quant.footprint import size_report
 from tests.conftest import fixture_dir

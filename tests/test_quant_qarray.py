@@ -10,7 +10,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from gemma import config, model, params  # noqa: E402
+from gemma.model import (
+  config,  # noqa: E402
+  params,  # noqa: E402
+)
+from gemma.model import transformer as model  # noqa: E402
 from gemma.quant import codebook, footprint, packing, qarray, recipes  # noqa: E402
 from gemma.quant.qarray import Layout, QArray, QuantSpec  # noqa: E402
 from tests.conftest import tiny  # noqa: E402
@@ -110,7 +114,7 @@ def test_weight_error_and_bits(name, lo, hi):
 
 
 def test_scale_fits():
-  """§5.4 remedies: 'unbiased' removes the shrinkage ⟨w, ŵ⟩/‖w‖² ≈ 1 - D_mse (at a higher MSE);
+  """Scale-fit remedies: 'unbiased' removes the shrinkage ⟨w, ŵ⟩/‖w‖² ≈ 1 - D_mse (at a higher MSE);
   'lsq' keeps the codes and fits the scale, so its MSE is never above the paper's norm scale."""
   w = _normal(16, (512, 256))
 
@@ -232,7 +236,7 @@ def test_quantized_model_matches_dequantized(preset):
   positions = jnp.arange(6, dtype=jnp.int32)[None]
   fwd = jax.jit(lambda p: model.forward(p, tokens, positions, cfg)[0])
   ref = fwd(deq)
-  _close(fwd(qp), ref, rtol=1e-4)  # through gemma.layers.einsum / ragged_dot dispatch
+  _close(fwd(qp), ref, rtol=1e-4)  # through gemma.model.layers.einsum / ragged_dot dispatch
 
 
 def test_footprint_matches_quantize_params():

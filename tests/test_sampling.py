@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma.sampling import Sampler, sample
+from gemma.inference.sampling import Sampler, sample
 
 LOGITS = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 2000))
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from gemma.formats import common, hf
-from gemma.formats import converted as CV
-from gemma.formats.common import CheckpointError
-from gemma.params import abstract, leaf_names
+from gemma.io.formats import common, hf
+from gemma.io.formats import converted as CV
+from gemma.io.formats.common import CheckpointError
+from gemma.model.params import abstract, leaf_names
 from tests.conftest import fixture_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -84,7 +84,7 @@ def test_unsharded_leaves_are_copied_out_of_the_map():
 def test_converted_checkpoints_are_stored_in_bounded_chunks(tmp_path, monkeypatch):
   import tensorstore as ts
 
-  from gemma.checkpoint import load
+  from gemma.io.checkpoint import load
 
   cfg, params = load(fixture_dir("e_style"), jnp.float32)
   monkeypatch.setattr(CV, "CHUNK_BYTES", 8192)  # the embedding (128 KiB) becomes 16 chunks
@@ -99,7 +99,7 @@ def test_converted_checkpoints_are_stored_in_bounded_chunks(tmp_path, monkeypatc
 
 
 def test_mesh_must_be_a_mesh():
-  from gemma.checkpoint import load
+  from gemma.io.checkpoint import load
 
   with pytest.raises(TypeError, match="jax.sharding.Mesh"):
     load(fixture_dir("e_style"), jnp.float32, mesh="2x4")

@@ -7,12 +7,13 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from gemma import config as C
-from gemma import params as Params
-from gemma import sharding
+from gemma.model import config as C
+from gemma.model import params as Params
+from gemma.parallel import sharding
 from tests.conftest import FAMILIES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,7 +35,7 @@ def test_31b_placement_on_1x8():
 
 
 def test_turboquant_cache_with_sink_and_window_splits_by_kv_heads():
-  from gemma.cache import init_cache
+  from gemma.kv.cache import init_cache
 
   cfg = C.get_preset("gemma4-31b")
   local = next(s for s in cfg.layers if s.attention is C.AttentionType.LOCAL)
@@ -143,7 +144,7 @@ def test_sharded_logits_and_finetune_steps_equal_single_device():
 
 
 def test_plan_cli_fits_and_refuses(capsys):
-  from gemma.cli import main
+  from gemma.cli.app import main
 
   assert main(["plan", "--preset", "gemma4-31b", "--mesh", "1x8", "--context", "131072",
                "--json"]) == 0
@@ -157,9 +158,7 @@ def test_plan_cli_fits_and_refuses(capsys):
 
 
 def test_logits_cli_with_a_mesh_matches(tmp_path):
-  import numpy as np
-
-  from gemma.cli import main
+  from gemma.cli.app import main
   from tests.conftest import fixture_dir
 
   args = ["logits", "--checkpoint", fixture_dir("e_style"), "--prompt-ids", "2,17,5,9,33"]
@@ -170,7 +169,7 @@ def test_logits_cli_with_a_mesh_matches(tmp_path):
 
 
 def test_generate_refuses_a_run_that_cannot_fit(monkeypatch):
-  from gemma import decode
+  from gemma.inference import decode
   from tests.conftest import tiny
 
   cfg = tiny("gemma4-31b")

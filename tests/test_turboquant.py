@@ -1,4 +1,4 @@
-"""TurboQuant against the paper and the exact values: docs/turboquant.md §6, tests T1-T14."""
+"""TurboQuant against the paper (arXiv:2504.19874) and the exact values, tests T1-T14."""
 
 import math
 import os
@@ -17,7 +17,7 @@ from gemma.quant.qarray import QuantSpec, bits_per_weight, dequantize, qmatmul  
 
 D = 128
 
-# §1.3: Gaussian (T1) and exact Beta d=128 (T2) Lloyd-Max centroids, positive half.
+# Gaussian (T1) and exact Beta d=128 (T2) Lloyd-Max centroids, positive half.
 GAUSS = {1: [0.797885], 2: [0.452780, 1.510418],
          3: [0.245094, 0.756005, 1.343909, 2.151946],
          4: [0.128395, 0.388048, 0.656759, 0.942340, 1.256231, 1.618046, 2.069017, 2.732590]}
@@ -121,8 +121,8 @@ def test_t5_worst_case_invariance():
   for b in (1, 2, 3):
     for i in (0, 1):
       assert abs(results["haar", 0, b, i] / MC_MSE[b] - 1) < 0.02, (b, i)
-      # Two rounds: e_j within 5% (measured <= 3.2%), pairs within 25% (measured <= 16-20%, as
-      # in the doc's "about 20%"); three rounds are Haar-like within 3% (measured <= 1.5%).
+      # Two rounds: e_j within 5% (measured <= 3.2%), pairs within 25% (measured <= 16-20%);
+      # three rounds are Haar-like within 3% (measured <= 1.5%).
       assert abs(results["hadamard", 2, b, i] / MC_MSE[b] - 1) < (0.05, 0.25)[i], (b, i)
       assert abs(results["hadamard", 3, b, i] / MC_MSE[b] - 1) < 0.03, (b, i)
   # One round maps e_j to a flat ±1/√d vector: b=2 gives 0.255 (Haar 0.116); the pair gives

@@ -1,7 +1,7 @@
 """Ablations: named model-structure ablations, and one experiment grid per file of this package.
 
 Named ablations of a model config (each a `dataclasses.replace` of the preset; defined in
-`gemma.ablations`, which fine-tuning uses, and re-exported here):
+`gemma.model.ablations`, which fine-tuning uses, and re-exported here):
 
   from configs.ablations import ablate
   cfg = ablate(get_preset("gemma4-e2b"), "no_kv_sharing")
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gemma.ablations import ABLATIONS, ablate
+from gemma.model.ablations import ABLATIONS, ablate
 
 EXPERIMENTS = tuple(sorted(p.stem for p in Path(__file__).parent.glob("*.py")
                            if not p.stem.startswith("_")))

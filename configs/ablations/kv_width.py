@@ -1,9 +1,9 @@
-"""KV cache width (`--kv-quant`): bf16 vs TurboQuant at every width of `gemma.kv_quant.WIDTHS`,
+"""KV cache width (`--kv-quant`): bf16 vs TurboQuant at every width of `gemma.kv.quant.WIDTHS`,
 float weights. The reference is the same model with a bf16 cache, so bf16 has KL 0.
 """
 
 from configs.experiment import EvalPoint, Experiment, Plot, grid
-from gemma.kv_quant import WIDTHS
+from gemma.kv.quant import WIDTHS
 
 
 def get_config() -> Experiment:

@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma import model as M
-from gemma.config import ModelConfig
-from gemma.formats.common import log, progress
-from gemma.params import Params, leaf_names
+from gemma.io.formats.common import log, progress
+from gemma.model import transformer as M
+from gemma.model.config import ModelConfig
+from gemma.model.params import Params, leaf_names
 from gemma.quant import probe
 from gemma.quant.calibrate import walk
 from gemma.quant.footprint import abstract_qarray

@@ -28,12 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma import model as M
-from gemma.config import LayerSpec, ModelConfig
-from gemma.formats.common import log, progress
-from gemma.kv_view import FloatView
-from gemma.layers import rms_norm
-from gemma.params import Params, leaf_names, path_name
+from gemma.io.formats.common import log, progress
+from gemma.kv.view import FloatView
+from gemma.model import transformer as M
+from gemma.model.config import LayerSpec, ModelConfig
+from gemma.model.layers import rms_norm
+from gemma.model.params import Params, leaf_names, path_name
 from gemma.quant import gptq, probe
 from gemma.quant.recipes import Recipe, layout_of, quantize, resolve
 

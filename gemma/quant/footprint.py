@@ -1,4 +1,4 @@
-"""Bytes of a model under a recipe, from `gemma.params.abstract(cfg)` (nothing is allocated).
+"""Bytes of a model under a recipe, from `gemma.model.params.abstract(cfg)` (nothing is allocated).
 
 `quantized_abstract(cfg, recipe)` is the params tree with `QArray`s of `jax.ShapeDtypeStruct`s in
 place of quantized weights: the exact shapes `recipes.quantize_params` produces (a test checks it
@@ -15,10 +15,10 @@ import math
 import jax
 import jax.numpy as jnp
 
-from gemma import config as C
-from gemma import kv_quant as kvq
-from gemma import params as P
-from gemma.cache import cache_size
+from gemma.kv import quant as kvq
+from gemma.kv.cache import cache_size
+from gemma.model import config as C
+from gemma.model import params as P
 from gemma.quant import packing
 from gemma.quant.qarray import Layout, QArray, QuantSpec, plan_block
 from gemma.quant.recipes import CLASSES, NAMED, RECIPES, Recipe, get_recipe, layout_of, tensor_class
@@ -101,10 +101,10 @@ def footprint(cfg: C.ModelConfig, recipe: Recipe | str) -> dict:
 
 def kv_cache_bytes(cfg: C.ModelConfig, context: int, batch: int = 1, itemsize: int = 2,
                    kv_quant=None) -> int:
-  """Bytes `gemma.cache.init_cache(cfg, batch, context, kv_quant=...)` allocates (every leaf).
+  """Bytes `gemma.kv.cache.init_cache(cfg, batch, context, kv_quant=...)` allocates (every leaf).
 
   kv_quant: None (K/V of `itemsize` bytes), "bf16" / "f32", or a TurboQuant width ("tq3.5",
-  "tq3.5+s1+r128", or a `gemma.kv_quant.KVQuant`): codes, signs and float16 norms per slot, the
+  "tq3.5+s1+r128", or a `gemma.kv.quant.KVQuant`): codes, signs and float16 norms per slot, the
   per-row means, scales and channel orders, the bfloat16 sink and recent window, and the shared
   rotations.
   """

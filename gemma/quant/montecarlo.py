@@ -4,7 +4,7 @@
 `rounds` rounds), a Gaussian S, and unit vectors x and y (uniform, or fixed ones), and returns the
 per-vector errors of TurboQuant_mse and TurboQuant_prod. Rotations, vectors and (padded) codebooks
 are all data, so one compilation serves every bit width, rotation kind and input. `distortion`
-aggregates into D_mse, d·D_prod and the shrinkage factor E⟨x, x̃_mse⟩ (docs/turboquant.md §1.5-2.3).
+aggregates into D_mse, d·D_prod and the shrinkage factor E⟨x, x̃_mse⟩.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Probes: weights that record what flows through them, for calibration.
 
-A `Probe` wraps a weight leaf of the params tree. `gemma.layers.einsum` / `ragged_dot` run it as
+A `Probe` wraps a weight leaf of the params tree. `gemma.model.layers.einsum` / `ragged_dot` run it as
 the plain weight and, inside an active `recording()` (entered inside the traced function),
 record the input statistic H = Σ x xᵀ over the weight's contracted input axes (per expert for
 grouped matmuls, from the rows routed to each expert), flattened in the weight's input-axis
@@ -22,7 +22,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from gemma.params import path_name
+from gemma.model import layers
+from gemma.model.params import path_name
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -46,6 +47,19 @@ class Probe:
 
   def astype(self, dtype):
     return self.weight.astype(dtype)
+
+  def __gemma_einsum__(self, spec: str, x: jax.Array, out_dtype=None) -> jax.Array:
+    observe_einsum(spec, x, self)
+    out = layers.einsum(spec, x, self.weight, jnp.float32)
+    note_output(self, out)
+    out = out if self.tap is None else out + self.tap
+    return out.astype(out_dtype or x.dtype)
+
+  def __gemma_ragged_dot__(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    observe_grouped(x, self, group_sizes)
+    out = layers.ragged_dot(x, self.weight, group_sizes)
+    note_output(self, out)
+    return out if self.tap is None else (out + self.tap).astype(out.dtype)
 
   def __getitem__(self, ids):  # table lookups (embedding rows) are not matmuls: no statistic
     out = self.weight[ids]

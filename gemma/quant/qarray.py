@@ -8,7 +8,7 @@ scale, and
     weight block  = Πᵀ · rotated block       (Π = I for the RTN / NF4 baselines)
 
 so y = W x is computed as y = Σ_blocks scale ⊙ (table[code] · (Π x_block)): the activation is
-rotated once per input block and the weights are never rotated back (docs/turboquant.md §5.1).
+rotated once per input block and the weights are never rotated back.
 
 Layouts (static `Layout`): math layout `[*batch, *in, *out]` (q [D, N, H], o [N, H, D], experts
 [E, D, I] with batch_ndim=1), or `in_last` `[*batch, *out, *in]` for tables read by row (the
@@ -48,7 +48,7 @@ class QuantSpec:
   law: TurboQuant codebook law: "beta" (exact for dimension g), "gauss" (the N(0, 1/g) limit) or
     "poly" (an odd polynomial in the code fit to "beta": a kernel evaluates it with FMAs).
   scale_fit: TurboQuant_mse's per-block scale: "norm" (the paper: ‖w_block‖), "unbiased"
-    (‖w_block‖ / (1 - D_mse(b)), removing the shrinkage of §1.6) or "lsq" (the least-squares
+    (‖w_block‖ / (1 - D_mse(b)), removing the shrinkage E⟨u, ũ⟩ = 1 - D_mse(b)) or "lsq" (the least-squares
     scale for the chosen codes, ‖w‖ ⟨Πu, c⟩ / ⟨c, c⟩: the lowest MSE for those codes).
   """
 
@@ -162,6 +162,12 @@ class QArray:
     b, i, o = self.layout.split(self.shape)
     n_in = math.prod(i)
     return b, n_in, -(-n_in // self.spec.block) * self.spec.block, o, math.prod(o)
+
+  def __gemma_einsum__(self, spec: str, x: jax.Array, out_dtype=None) -> jax.Array:
+    return einsum(spec, x, self, out_dtype=out_dtype)
+
+  def __gemma_ragged_dot__(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    return ragged_dot(x, self, group_sizes)
 
   def __getitem__(self, ids):
     return take(self, ids)

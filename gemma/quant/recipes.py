@@ -1,6 +1,6 @@
 """Quantization recipes as data: which quantizer each class of tensor gets, and applying them.
 
-Tensor classes (from the dotted leaf names of `gemma.params`):
+Tensor classes (the `quant_class` of each weight in `gemma.model.weights`):
   embed       embed [V, D]: the token table and the tied LM head ('btd,vd->btv')
   attention   layers.N.attn.{q, k, v, o}
   mlp         layers.N.mlp.{gate, up, down} (the dense MLP, also the shared MLP of MoE layers)
@@ -14,46 +14,32 @@ Norm scales, layer scalars and router/expert scales have no class: they always s
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from gemma import params as P
+from gemma.model import params as P
+from gemma.model.weights import weight_info
 from gemma.quant import baselines, turboquant
 from gemma.quant.qarray import MATH_LAYOUT, Layout, QArray, QuantSpec
 
 CLASSES = ("embed", "attention", "mlp", "experts", "router", "ple_table", "ple_proj")
 
-_CLASS_PATTERNS = (
-    ("embed", r"embed"),
-    ("ple_table", r"ple_embed"),
-    ("ple_proj", r"ple_proj|layers\.\d+\.ple\.(gate|proj)"),
-    ("attention", r"layers\.\d+\.attn\.(q|k|v|o)"),
-    ("mlp", r"layers\.\d+\.mlp\.(gate|up|down)"),
-    ("experts", r"layers\.\d+\.moe\.(gate|up|down)"),
-    ("router", r"layers\.\d+\.moe\.router"),
-)
-
 
 def tensor_class(name: str) -> str | None:
   """Class of a params leaf ("layers.3.attn.q" -> "attention"); None for scales that stay float."""
-  for cls, pattern in _CLASS_PATTERNS:
-    if re.fullmatch(pattern, name):
-      return cls
-  return None
+  info = weight_info(name)
+  return None if info is None else info.quant_class
 
 
 def layout_of(name: str) -> Layout:
-  """Batch / input / output axes of a params leaf (see gemma/notation.py)."""
-  if name in ("embed", "ple_embed"):
-    return Layout(in_last=True)  # [V, D] and [V, L, P]: rows are read by token id
-  if name.endswith("attn.o"):
-    return Layout(in_ndim=2)  # [N, H, D]
-  if ".moe." in name and not name.endswith("router"):
-    return Layout(batch_ndim=1)  # [E, D, I] / [E, I, D]
-  return Layout()
+  """Batch / input / output axes of a params leaf (see gemma/model/notation.py); `Layout()` for
+  leaves without a row in `gemma.model.weights`."""
+  info = weight_info(name)
+  if info is None:
+    return Layout()
+  return Layout(batch_ndim=info.batch_ndim, in_ndim=info.in_ndim, in_last=info.in_last)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +96,8 @@ RECIPES: dict[str, Recipe] = {
     "int8": uniform("int8", _rtn(8)),
     "int4": uniform("int4", _rtn(4)),
     "nf4": uniform("nf4", QuantSpec(method="nf4", bits=4, rotation="none")),
-    # Remedies for 4-bit TurboQuant (turboquant.md §5.4), for ablations.
+    # Remedies for 4-bit TurboQuant (QuantSpec.scale_fit: 'unbiased' removes the shrinkage,
+    # 'lsq' fits the least-squares scale), for ablations.
     "tq4-unbiased": uniform("tq4-unbiased", tq(4, scale_fit="unbiased")),
     "tq4-lsq": uniform("tq4-lsq", tq(4, scale_fit="lsq")),
     "tq4-g64-lsq": uniform("tq4-g64-lsq", tq(4, block=64, scale_fit="lsq")),

@@ -10,7 +10,7 @@ weight stores only its seed.
 - Randomized Hadamard (RHT): `Π = (H D_r) ··· (H D_1)` with H the normalized Walsh-Hadamard matrix
   and D_i random ±1 diagonals, applied by a fast Walsh-Hadamard transform in O(g log g). One round
   is *not* Haar-like on structured inputs (x = e1 maps to a flat ±1/√g vector); two rounds are
-  close (docs/turboquant.md §1.1, test T5).
+  close (tests/test_turboquant.py::test_t5_worst_case_invariance).
 """
 
 from __future__ import annotations

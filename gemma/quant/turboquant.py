@@ -7,7 +7,7 @@ matrix Π [d, d] and, for _prod, a Gaussian projection S [d, d]; vmap over draws
   prod: idx from mse at b - 1 bits, r = x/s - x̃_mse, qjl = sign(S r), γ = ‖r‖,
         x̃ = s · (x̃_mse + √(π/2)/d · γ · Sᵀ qjl)  — unbiased for inner products.
 
-Weights (docs/turboquant.md §5): `quantize_weight` treats each output channel's input vector as
+Weights: `quantize_weight` treats each output channel's input vector as
 the vector, in blocks of g with one norm per (row, block), and returns a `QArray`.
 """
 
@@ -117,15 +117,6 @@ def prod_quantize(x: jax.Array, pi: jax.Array, s: jax.Array, tab: Table) -> Code
 
 def _qjl_scale(d: int) -> float:
   return math.sqrt(math.pi / 2) / d
-
-
-@jax.jit
-def prod_dequantize(code: Code, pi: jax.Array, s: jax.Array, tab: Table) -> jax.Array:
-  """x̃ = ‖x‖ · (Πᵀ c[idx] + √(π/2)/d · γ · Sᵀ qjl). -> [..., d] float32."""
-  d = code.qjl.shape[-1]
-  z = jnp.einsum("...i,ij->...j", code.qjl.astype(jnp.float32), s, precision=_HI)
-  x = _unrot(tab.centroids[code.idx], pi) + _qjl_scale(d) * code.gamma[..., None] * z
-  return code.norm[..., None] * x
 
 
 @jax.jit

@@ -1,0 +1,1 @@
+"""The `gemma4` command line: a thin mapping of flags onto the library (`app.main`)."""

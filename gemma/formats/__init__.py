@@ -1,1 +1,0 @@
-"""Checkpoint formats; `gemma.checkpoint.load` detects which one a path is."""

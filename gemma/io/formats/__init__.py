@@ -1,0 +1,1 @@
+"""Checkpoint formats; `gemma.io.checkpoint.load` detects which one a path is."""

@@ -1,0 +1,104 @@
+"""KV cache: full buffers for global layers, ring buffers of `sliding_window` for local layers,
+nothing for KV-shared layers.
+
+Every slot records the absolute position of the token it holds (-1: empty or padding), so masks
+come from positions alone: ring wraparound, left padding and bucket padding need no special cases.
+Columns of one call are written to slots `(length + t) % S`; all rows of a batch advance together
+(left-padded rows simply hold -1 positions in their padding slots).
+
+With `kv_quant` set, layers hold `gemma.kv.quant.QuantLayerCache`s (TurboQuant codes) and the
+cache carries the shared rotations (`codec`); attention reads either through a view
+(`FloatView` / `QuantView`) with the same two methods, scores(q) and mix(probs).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from gemma.kv import quant as kv_quant_lib
+from gemma.kv.view import FloatKV, FloatView, scatter, update_float
+from gemma.model.config import AttentionType, ModelConfig
+from gemma.model.params import pytree_dataclass
+
+__all__ = ["FloatView", "KVCache", "KVView", "LayerCache", "init_cache", "scatter",
+           "update_and_view"]
+
+
+LayerCache = FloatKV  # a float layer cache: k, v [B, S, K, H], pos [B, S]
+
+KVView = FloatView | kv_quant_lib.QuantView
+
+
+@pytree_dataclass
+class KVCache:
+  layers: tuple[LayerCache | kv_quant_lib.QuantLayerCache | None, ...]  # None: KV-shared layers
+  length: jax.Array  # [] int32 columns written so far (the write pointer)
+  next_pos: jax.Array  # [B] int32 position of each row's next token
+  codec: kv_quant_lib.Codec | None = None  # rotations of a TurboQuant cache
+
+  @property
+  def max_length(self) -> int:
+    """Columns this cache can take: the global buffers' size (ring buffers never fill up)."""
+    sizes = [c.pos.shape[1] for c in self.layers if c is not None]
+    return max(sizes)
+
+
+def cache_size(cfg: ModelConfig, layer: int, max_length: int) -> int:
+  spec = cfg.layers[layer]
+  if spec.attention is AttentionType.LOCAL:
+    return min(spec.window, max_length)
+  return max_length
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype=jnp.float32,
+               kv_quant: str | kv_quant_lib.KVQuant | None = None) -> KVCache:
+  """An empty cache for `batch` rows and up to `max_length` columns (prompt + generated).
+
+  kv_quant: None (K/V in `dtype`), "bf16" / "f32" (K/V stored in that dtype), or a TurboQuant
+  width of `gemma.kv.quant.KV_QUANTS` ("tq2", "tq2.5", "tq3", "tq3.5", "tq4").
+  """
+  if isinstance(kv_quant, str) and kv_quant in kv_quant_lib.FLOAT_CACHES:
+    dtype, kv_quant = kv_quant_lib.FLOAT_CACHES[kv_quant], None
+  spec = kv_quant_lib.get_kv_quant(kv_quant) if kv_quant is not None else None
+  layers, dims = [], set()
+  for ls in cfg.layers:
+    if ls.shares_kv:
+      layers.append(None)
+      continue
+    s = cache_size(cfg, ls.index, max_length)
+    if spec is not None:
+      layers.append(kv_quant_lib.init_layer(spec, batch, s, ls.num_kv_heads, ls.head_dim,
+                                            ls.index))
+      dims.add(kv_quant_lib.part_dims(spec, ls.head_dim))
+      continue
+    shape = (batch, s, ls.num_kv_heads, ls.head_dim)
+    layers.append(LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                             pos=jnp.full((batch, s), -1, jnp.int32)))
+  codec = kv_quant_lib.make_codec(spec, dims) if spec is not None else None
+  return KVCache(layers=tuple(layers), length=jnp.zeros((), jnp.int32),
+                 next_pos=jnp.zeros((batch,), jnp.int32), codec=codec)
+
+
+def update_and_view(cache, codec: kv_quant_lib.Codec | None, k: jax.Array, v: jax.Array,
+                    positions: jax.Array, start: jax.Array, num_columns: jax.Array,
+                    q: jax.Array | None = None):
+  """Stores this call's K/V and returns what the queries attend to: the one dispatch point
+  between float and TurboQuant caches.
+
+  Args:
+    k, v: [B, T, K, H] this call's keys/values; positions [B, T] (-1 for padding).
+    start: [] int32 write pointer; num_columns: [] int32 valid columns.
+    q: this call's queries [B, T, K, G, H] (a TurboQuant cache fits its key scaling to them).
+  Returns:
+    (a view (FloatView or QuantView) over [B, S', ...] keys, new cache or None). Without a cache
+    the view is this call's K/V. A single-token call (decode) attends over the updated buffer. A
+    multi-token call attends over the old buffer plus its own K/V, because a ring buffer may
+    overwrite slots that earlier queries of the same call still need.
+  """
+  if cache is None:
+    return FloatView(k, v, positions), None
+  if isinstance(cache, kv_quant_lib.QuantLayerCache):
+    return kv_quant_lib.update_and_view(cache, codec, k, v, positions, start, num_columns,
+                                        scatter, q)
+  return update_float(cache, k, v, positions, start, num_columns)

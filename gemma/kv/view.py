@@ -1,0 +1,97 @@
+"""What queries attend to: the float view of keys/values and the causal/sliding mask.
+
+A view has `pos` (key positions), `kv_heads`, `scores(q)`, `mix(probs)` and `visible(q_pos,
+window)`; `FloatView` holds keys and values in floating point, `gemma.kv.quant.QuantView` holds
+TurboQuant codes (and, with a recent window, a FloatView of the newest tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from gemma.model.params import pytree_dataclass
+
+
+def causal_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
+  """Key s visible to query t iff k_pos >= 0 and 0 <= q_pos - k_pos (< window).
+
+  q_pos: [B, T]; k_pos: [B, S] -> [B, T, S] bool.
+  """
+  # [B, T, S]
+  delta = q_pos[:, :, None] - k_pos[:, None, :]
+  mask = (k_pos[:, None, :] >= 0) & (delta >= 0)
+  if window is not None:
+    mask &= delta < window
+  return mask
+
+
+@pytree_dataclass
+class FloatKV:
+  """A float K/V buffer (a layer's cache, or a TurboQuant cache's recent window)."""
+
+  k: jax.Array  # [B, S, K, H]
+  v: jax.Array  # [B, S, K, H]
+  pos: jax.Array  # [B, S] int32 absolute position held by each slot, -1 if none
+
+
+@dataclasses.dataclass(frozen=True)
+class FloatView:
+  """Keys and values in floating point: what queries attend to (and KV-shared layers reuse)."""
+
+  k: jax.Array  # [B, S, K, H]
+  v: jax.Array  # [B, S, K, H]
+  pos: jax.Array  # [B, S] key positions, < 0 never attended
+
+  @property
+  def kv_heads(self) -> int:
+    return self.k.shape[2]
+
+  def visible(self, q_pos: jax.Array, window: int | None) -> jax.Array:
+    """[B, T, S] bool: which keys each query attends to."""
+    return causal_mask(q_pos, self.pos, window)
+
+  def scores(self, q: jax.Array) -> jax.Array:
+    """q: [B, T, K, G, H] -> logits [B, K, G, T, S] float32 (unscaled)."""
+    return jnp.einsum("btkgh,bskh->bkgts", q, self.k, preferred_element_type=jnp.float32)
+
+  def mix(self, probs: jax.Array) -> jax.Array:
+    """probs: [B, K, G, T, S] float32 -> [B, T, K, G, H] float32."""
+    return jnp.einsum("bkgts,bskh->btkgh", probs.astype(self.v.dtype), self.v,
+                      preferred_element_type=jnp.float32)
+
+
+def scatter(old, new, start: jax.Array, num_columns: jax.Array):
+  """Writes the first `num_columns` columns of `new` at slots `(start + t) % S` of `old`.
+
+  old, new: pytrees with the same structure whose leaves are [B, S, ...] and [B, T, ...];
+  columns >= num_columns are bucket padding. Only the last S valid columns are written (earlier
+  ones would be overwritten in the ring).
+  """
+  s = jax.tree.leaves(old)[0].shape[1]
+  t = jax.tree.leaves(new)[0].shape[1]
+  col = jnp.arange(t)
+  keep = (col < num_columns) & (col >= num_columns - s)
+  # [T] slot per column; S (out of range) drops the write
+  slots = jnp.where(keep, (start + col) % s, s)
+  return jax.tree.map(lambda o, n: o.at[:, slots].set(n.astype(o.dtype), mode="drop"), old, new)
+
+
+def update_float(cache: FloatKV, k: jax.Array, v: jax.Array, positions: jax.Array,
+                 start: jax.Array, num_columns: jax.Array) -> tuple[FloatView, FloatKV]:
+  """Stores this call's K/V [B, T, K, H] in a float buffer; returns (view, new buffer).
+
+  A single-token call (decode) attends over the updated buffer; a multi-token call over the old
+  buffer plus its own K/V, because a ring buffer may overwrite slots that earlier queries of the
+  same call still need.
+  """
+  positions = positions.astype(jnp.int32)
+  k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+  new = FloatKV(*scatter((cache.k, cache.v, cache.pos), (k, v, positions), start, num_columns))
+  if k.shape[1] == 1:
+    return FloatView(new.k, new.v, new.pos), new
+  view = FloatView(jnp.concatenate([cache.k, k], axis=1), jnp.concatenate([cache.v, v], axis=1),
+                   jnp.concatenate([cache.pos, positions], axis=1))
+  return view, new
