@@ -208,6 +208,10 @@ class Model:
     ids = self.text_ids(text, max_tokens)
     ref_params, ref_cfg = None, None
     if reference is not None:
+      if reference.cfg.vocab_size != self.cfg.vocab_size:
+        raise ValueError(f"the reference {reference.path or reference.name} has a vocabulary of "
+                         f"{reference.cfg.vocab_size}, {self.path or self.name} of "
+                         f"{self.cfg.vocab_size}: KL needs the same vocabulary")
       if isinstance(text, str) and reference.tokenizer is not None and (
           reference.text_ids(text, max_tokens) != ids
           or reference.tokenizer.bos_id != self.tokenizer.bos_id):

@@ -20,17 +20,18 @@ the module's logits and gradients are the functional path's. `nnx.state`, `nnx.s
 `nnx.state(module)` work as for any NNX module.
 
 What Flax replaces here, and what it does not:
-  * Variables and their metadata replace a side table of logical axes: each `nnx.Param` carries
-    its axes (`out_sharding`), so `nnx.get_partition_spec(nnx.state(module))` names them and
-    `nnx.Optimizer(..., wrt=nnx.LoRAParam)` / `nnx.DiffState` select what trains by variable type
-    instead of the functional loop's separate `trainable` / `frozen` trees.
+  * Variable types and metadata: each `nnx.Param` carries its logical axes as `out_sharding`
+    (looked up once from the weight table), so Flax tooling (`nnx.get_partition_spec`,
+    `nnx.logical_axis_rules`) reads them off the state, and `nnx.Optimizer(...,
+    wrt=nnx.LoRAParam)` / `nnx.DiffState` select what trains by variable type where the
+    functional loop passes separate `trainable` / `frozen` trees.
   * The params stay `gemma.model.params.Params` (`pytree_dataclass`), traversed by NNX as a
     generic pytree, not rebuilt as `nnx.Module`s / `flax.struct.dataclass`: the tree's dotted leaf
     names are the key of every checkpoint-format name table, the weight table, quantization
     recipes and LoRA targets; its leaves may be `QArray` / `LoraWeight` pytrees that dispatch in
-    `gemma.model.layers.einsum`; the functional core (`forward` under `jax.jit` with a static,
-    hashable `ModelConfig`) must not import Flax. `flax.struct.dataclass` would only restate
-    `jax.tree_util.register_dataclass`, which `pytree_dataclass` already is.
+    `gemma.model.layers.einsum`; and the functional core (`forward` under `jax.jit` with a
+    static, hashable `ModelConfig`) stays free of Flax. `flax.struct.dataclass` would only
+    restate `jax.tree_util.register_dataclass`, which `pytree_dataclass` already is.
   * Flax's logical partitioning rules (`nnx.logical_axis_rules`, `sharding_rules` metadata) map
     each logical axis to one fixed mesh axis; ours (`gemma.parallel.sharding.RULES`) depend on
     the shape: an axis the mesh axis does not divide stays replicated (1 KV head on 8 shards),
@@ -39,6 +40,15 @@ What Flax replaces here, and what it does not:
     (logical names are not mesh axes) and `partition_specs` / `shard` apply our rules to the
     variables' `out_sharding`: the placement is the functional path's, leaf for leaf.
   * LoRA factors are annotated replicated (all `None`), as the functional loop places them.
+  * `nnx.LoRA` / `nnx.LoRALinear` do not replace `gemma.training.lora`: they adapt a 2-D
+    `nnx.Linear` kernel, ours adapt multi-axis math-layout weights ([D, N, H], [N, H, D]) and
+    quantized bases through the one `einsum` dispatch. Only their variable type
+    (`nnx.LoRAParam`) is used.
+
+Tunix's `PeftTrainer` takes the module as it is (it finds the `nnx.LoRAParam`s and trains them
+with `nnx.Optimizer(..., wrt=nnx.LoRAParam)`); give it a loss with `with_loss_fn`, since its
+default loss calls `model(tokens, positions, cache, attention_mask)` and `forward` builds its
+masks from positions (-1 for padding) instead of taking one.
 """
 
 from __future__ import annotations
@@ -78,6 +88,11 @@ def _is_var(x) -> bool:
 
 def _is_qarray(x) -> bool:
   return isinstance(x, QArray)
+
+
+def _is_weight(x) -> bool:
+  """A leaf of a params tree that is a pytree itself (a quantized or a LoRA-wrapped weight)."""
+  return isinstance(x, QArray | LoraWeight)
 
 
 def _wrap_leaf(path, leaf):
@@ -135,7 +150,7 @@ class Gemma(nnx.Module):
       raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
     self.cfg = cfg
     self.params = nnx.data(jax.tree_util.tree_map_with_path(_wrap_leaf, params,
-                                                            is_leaf=_is_qarray))
+                                                            is_leaf=_is_weight))
     self.lora = nnx.data({})
     self.lora_scale = None
     if adapters:
@@ -147,7 +162,7 @@ class Gemma(nnx.Module):
     `gemma.training.load_trained`) at scale α / r. Returns self."""
     if lora_scale is None:
       raise ValueError("adapters need their lora_scale (alpha / rank)")
-    names = set(sharding_names(self.to_params()))
+    names = set(_weight_names(self.to_params()))
     missing = sorted(set(adapters) - names)
     if missing:
       raise ValueError(f"adapters for weights the model does not have: {missing[:5]}")
@@ -217,7 +232,7 @@ class Gemma(nnx.Module):
                    num_columns, logits_at)
 
 
-def sharding_names(params: Params) -> list[str]:
+def _weight_names(params: Params) -> list[str]:
   """Dotted names of the weights of `params` (a QArray counts as one weight)."""
   flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_qarray)[0]
   return [path_name(p) for p, _ in flat]

@@ -3,7 +3,8 @@
   .venv/bin/python scripts/make_tiny_tokenizer.py [--vocab 512] [--out data/tiny_tokenizer.model]
 
 BPE with byte fallback on data/alice_in_wonderland.txt and data/finetune_tiny.jsonl, Gemma ids
-(pad 0, eos 1, bos 2, unk 3) and the Gemma 4 chat specials, so `gemma.inference.chat` formats for it.
+(pad 0, eos 1, bos 2, unk 3) and the Gemma 4 chat specials, so `gemma.inference.chat` formats for
+it.
 """
 
 from __future__ import annotations

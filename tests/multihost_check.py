@@ -5,14 +5,14 @@
     --process-id I [--fixture e_style]
 
 (one command per process, I = 0 and 1). Each process joins the run with
-`gemma.parallel.distributed.initialize`, sees 8 global devices (4 its own), loads the fixture in float32,
-places the params on the global 2x4 (data, model) mesh (data across processes, model within
-one) with `gemma.parallel.distributed.shard_params` and, again, with `gemma.parallel.sharding.shard_params`
-(jax.device_put), and where `gemma.io.checkpoint.load` takes a `mesh`, loaded straight into the
-mesh (each process reading its own slices); runs the jitted `forward` on the reference prompt
-and gathers the logits to host; then greedy `generate(..., mesh=)` (params and KV cache across
-both processes). Process 0 also runs the same forward on one of its own devices
-and prints one JSON line:
+`gemma.parallel.distributed.initialize`, sees 8 global devices (4 its own), loads the fixture in
+float32, places the params on the global 2x4 (data, model) mesh (data across processes, model
+within one) with `gemma.parallel.distributed.shard_params` and, again, with
+`gemma.parallel.sharding.shard_params` (jax.device_put), and where `gemma.io.checkpoint.load`
+takes a `mesh`, loaded straight into the mesh (each process reading its own slices); runs the
+jitted `forward` on the reference prompt and gathers the logits to host; then greedy
+`generate(..., mesh=)` (params and KV cache across both processes). Process 0 also runs the same
+forward on one of its own devices and prints one JSON line:
 {"rel_fro": ‖Δ‖/‖ref‖, "rel_max": ..., "device_put_rel_fro": ..., "load_mesh_rel_fro": ... or
 null, "processes": 2, "devices": 8, ...}.
 """

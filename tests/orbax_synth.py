@@ -1,4 +1,5 @@
-"""Writes official-layout Gemma 4 Orbax checkpoints (unstacked and stacked layouts) from our Params, for tests.
+"""Writes official-layout Gemma 4 Orbax checkpoints (unstacked and stacked) from our Params, for
+tests.
 
 Applies the inverse of `gemma.io.formats.orbax_official`'s transforms. KV-shared layers get dead
 `kv_einsum`/`k_einsum` and `key_norm` copies of their producer (as the released checkpoints do),
@@ -74,7 +75,8 @@ def _layer(cfg: ModelConfig, params: Params, i: int) -> dict:
 
 
 def official_tree(cfg: ModelConfig, params: Params, stacked: bool = False) -> dict:
-  """The nested `{"transformer": {...}}` tree of the official layout (plus a fake vision encoder leaf)."""
+  """The nested `{"transformer": {...}}` tree of the official layout (plus a fake vision encoder
+  leaf)."""
   embedder = {"input_embedding": _np(params.embed),
               "mm_input_projection": {"w": np.ones((8, cfg.embed_dim), np.float32)}}
   if params.ple_embed is not None:

@@ -146,7 +146,8 @@ def test_logits_evaluate_quantize_save(model, tmp_path):
   ids = [2, 17, 5, 9, 33]
   logits = model.logits(ids)
   t = jnp.asarray([ids], jnp.int32)
-  ref, _ = jax.jit(forward, static_argnames="cfg")(model.params, t, jnp.arange(5, dtype=jnp.int32)[None], model.cfg)
+  positions = jnp.arange(5, dtype=jnp.int32)[None]
+  ref, _ = jax.jit(forward, static_argnames="cfg")(model.params, t, positions, model.cfg)
   np.testing.assert_array_equal(logits, np.asarray(ref[0]))
   text = "the quick brown fox jumps over the lazy dog " * 6
   ev = model.evaluate(text, context=32, show_progress=False)

@@ -415,8 +415,8 @@ def _divergence(ours, ref, i) -> str:
 
 @pytest.mark.slow
 def test_greedy_matches_reference(model, ref):
-  """32 greedy tokens per prompt via gemma.inference.decode.generate (f32, KV cache, no EOS stop) equal
-  the reference's KV-cached greedy tokens exactly."""
+  """32 greedy tokens per prompt via gemma.inference.decode.generate (f32, KV cache, no EOS stop)
+  equal the reference's KV-cached greedy tokens exactly."""
   cfg, params = model
   n = ref["greedy_ids"].shape[1]
   prompts = [ref[f"prompt_{i}"].tolist() for i in range(N_PROMPTS)]

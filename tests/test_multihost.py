@@ -1,4 +1,5 @@
-"""Multi-host wiring (gemma/parallel/distributed.py): flag checks, and a real 2-process run on localhost.
+"""Multi-host wiring (gemma/parallel/distributed.py): flag checks, and a real 2-process run on
+localhost.
 
 The 2-process test starts tests/multihost_check.py twice (process ids 0 and 1, 4 host CPU
 devices each, JAX's Gloo CPU collectives), which join through `jax.distributed` into one

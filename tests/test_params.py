@@ -1,10 +1,11 @@
-"""Parameter counts of the full-size presets, computed without allocating."""
+"""Parameter counts of the full-size presets, computed without allocating; the weight table."""
 
 import jax
 import pytest
 
 from gemma.model import config as C
 from gemma.model import params as P
+from gemma.model import weights as W
 
 # Published totals (model cards / configs), in billions, rounded as published.
 PUBLISHED = {
@@ -35,3 +36,22 @@ def test_abstract_omits_unused_tensors():
   assert big.layers[5].attn.v is None and big.layers[5].attn.k.shape == (5376, 4, 512)
   assert big.layers[4].attn.v.shape == (5376, 16, 256)
   assert big.ple_embed is None and big.layers[0].moe is None
+
+
+def test_weight_table_covers_every_weight_once():
+  """Every leaf of every preset is a weight with one row of gemma.model.weights (axes of its
+  rank) or a scale without one; every row is used by some preset."""
+  used = set()
+  for name in C.PRESETS:
+    tree = P.abstract(C.get_preset(name))
+    for leaf_name, leaf in zip(P.leaf_names(tree), jax.tree.leaves(tree), strict=True):
+      info = W.weight_info(leaf_name)
+      assert (info is None) == P._is_scale(leaf_name), leaf_name
+      if info is not None:
+        used.add(info.name)
+        assert len(info.axes) == leaf.ndim, leaf_name
+        assert info.batch_ndim + info.in_ndim < leaf.ndim, leaf_name
+        assert W.weight_info_by_suffix("opt_state.0.mu." + leaf_name) is info
+  assert used == {w.name for w in W.WEIGHTS}
+  assert W.weight_info("attn.q") is None and W.weight_info("layers.3.embed") is None
+  assert list(W.lora_targets()) == ["q", "k", "v", "o", "gate", "up", "down"]

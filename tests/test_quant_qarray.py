@@ -10,10 +10,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from gemma.model import (
-  config,  # noqa: E402
-  params,  # noqa: E402
-)
+from gemma.model import config, params, weights  # noqa: E402
 from gemma.model import transformer as model  # noqa: E402
 from gemma.quant import codebook, footprint, packing, qarray, recipes  # noqa: E402
 from gemma.quant.qarray import Layout, QArray, QuantSpec  # noqa: E402
@@ -199,6 +196,7 @@ def test_recipe_classes_and_layouts():
   assert recipes.layout_of("ple_embed") == Layout(in_last=True)
   assert recipes.layout_of("layers.0.moe.gate") == Layout(batch_ndim=1)
   assert recipes.layout_of("layers.0.moe.router") == Layout()
+  assert {w.quant_class for w in weights.WEIGHTS} == set(recipes.CLASSES)
   assert set(recipes.RECIPES) >= {"tq4", "tq3", "tq2", "tq-mixed", "int8", "int4", "nf4"}
   assert isinstance(recipes.get_recipe("tq4").spec_for("mlp"), QuantSpec)
   assert recipes.get_recipe("tq4").spec_for(None) is None

@@ -179,3 +179,32 @@ def test_generate_refuses_a_run_that_cannot_fit(monkeypatch):
     decode.generate(p, cfg, [[2, 5, 7]], 4)
   monkeypatch.setattr(decode, "device_memory_limit", lambda: 1 << 30)
   assert len(decode.generate(p, cfg, [[2, 5, 7]], 4).tokens[0]) == 4
+
+
+def test_check_fits_refuses_as_generate_does(monkeypatch):
+  """memory.check_fits raises decode.check_memory's message; plan() and `gemma4 plan` agree."""
+  from gemma.cli.scale import plan
+  from gemma.inference import decode
+  from gemma.parallel import memory
+  from tests.conftest import tiny
+
+  cfg = tiny("gemma4-e2b", head_dim=64, global_head_dim=128)
+  p = Params.init(jax.random.key(0), cfg)
+  mesh = sharding.make_mesh("1x1")
+  for m in (None, mesh):
+    for kv in (None, "bf16", "tq3"):
+      monkeypatch.setattr(decode, "device_memory_limit", lambda: 10_000)
+      with pytest.raises(ValueError) as want:
+        decode.check_memory(p, cfg, 2, 64, kv, m)
+      with pytest.raises(ValueError) as got:
+        memory.check_fits(p, cfg, 2, 64, kv, m, 10_000)
+      assert str(got.value) == str(want.value) and "gemma4 plan" in str(got.value)
+  assert memory.check_fits(p, cfg, 2, 64, None, None, None) is None
+  fits = memory.check_fits(p, cfg, 2, 64, None, mesh, 1 << 30)
+  assert fits.total_bytes == fits.weight_bytes + fits.cache_bytes > 0
+  out = plan("gemma4-e4b", "1x8", 8192, ple_on_host=True)
+  cfg = C.get_preset("gemma4-e4b")
+  p = memory.plan(Params.abstract(cfg, jax.numpy.bfloat16), cfg, 1, 8192, "bf16",
+                  {"data": 1, "model": 8}, ple_on_host=True)
+  assert (out["weight_bytes_per_device"], out["cache_bytes_per_device"], out["host_bytes"]) == (
+      p.weight_bytes, p.cache_bytes, p.host_bytes)

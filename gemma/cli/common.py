@@ -1,38 +1,101 @@
-"""What the `gemma4` commands share: dtype, checkpoint, mesh and tokenizer from flags."""
+"""What the `gemma4` commands share: flag groups, prompts from flags, and the model from flags."""
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
+import argparse
+import sys
+from pathlib import Path
 
-from gemma.io.checkpoint import load, load_tokenizer
-from gemma.parallel.sharding import make_mesh
+import gemma
+from gemma.kv.quant import parse_kv_cache
+from gemma.model.config import PRESETS
+from gemma.quant.recipes import RECIPES
 
-
-def _dtype(name: str | None):
-
-  if name is None:
-    name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-  return jnp.dtype(name)
+DTYPES = ("float32", "bfloat16")
 
 
-def _load(args, quantize: bool = True):
-  """(cfg, params) of --checkpoint in --dtype, quantized on load by --quant unless `quantize`
-  is False; read straight into the --mesh shardings when one is given."""
-
-  quant = getattr(args, "quant", None) if quantize else None
-  return load(args.checkpoint, _dtype(args.dtype), preset=args.preset, quant=quant,
-              mesh=_mesh(args))
-
-
-def _mesh(args):
-  """The --mesh DxM device mesh, or None."""
-  if not getattr(args, "mesh", None):
-    return None
-
-  return make_mesh(args.mesh)
+def parse_ids(text: str) -> list[int]:
+  """`--prompt-ids 2,17,5` as a list of ints."""
+  try:
+    ids = [int(t) for t in text.split(",") if t.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+  if not ids:
+    raise argparse.ArgumentTypeError("empty --prompt-ids")
+  return ids
 
 
-def _tokenizer(checkpoint: str):
+def add_checkpoint(p, dtype_help="parameter/activation dtype (default: float32 on CPU, else "
+                   "bfloat16)") -> None:
+  p.add_argument("--checkpoint", required=True,
+                 help="HF directory, .gguf file, Orbax checkpoint or converted directory")
+  p.add_argument("--dtype", choices=DTYPES, default=None, help=dtype_help)
+  p.add_argument("--preset", choices=list(PRESETS), default=None,
+                 help="config of an official Orbax checkpoint (default: inferred)")
 
-  return load_tokenizer(checkpoint)
+
+def add_sampling(p, max_new_tokens: int | None = None) -> None:
+  p.add_argument("--max-new-tokens", type=int, required=max_new_tokens is None,
+                 default=max_new_tokens)
+  p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+  p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+  p.add_argument("--top-p", type=float, default=1.0, help="1 disables top-p")
+  p.add_argument("--seed", type=int, default=0)
+
+
+def add_quant(p) -> None:
+  p.add_argument("--quant", choices=list(RECIPES), default=None,
+                 help="quantize the weights on load with this recipe")
+
+
+def add_kv_quant(p) -> None:
+  p.add_argument("--kv-quant", type=parse_kv_cache, default=None,
+                 help="KV cache storage: bf16/f32, or TurboQuant at 2-4 bits per channel "
+                      "(default: the activation dtype)")
+
+
+def add_chat(p) -> None:
+  p.add_argument("--system", default=None, help="system prompt of the chat")
+  p.add_argument("--thinking", action="store_true", help="Gemma 4 thinking mode")
+
+
+def add_prompt(p, required: bool, ids: bool = True) -> None:
+  """--prompt TEXT | --prompt-file PATH (- for standard input) | --prompt-ids 2,17,5."""
+  g = p.add_mutually_exclusive_group(required=required)
+  g.add_argument("--prompt", help="prompt text (needs a tokenizer in the checkpoint)")
+  g.add_argument("--prompt-file", metavar="PATH", help="prompt text from a UTF-8 file ('-': "
+                 "standard input); one trailing newline is dropped")
+  if ids:
+    g.add_argument("--prompt-ids", type=parse_ids, help="comma-separated prompt token ids")
+
+
+def prompt_text(args) -> str | None:
+  """The text of --prompt or --prompt-file (None when neither was given)."""
+  if getattr(args, "prompt_file", None) is None:
+    return args.prompt
+  path = args.prompt_file
+  if path == "-":
+    text = sys.stdin.read()
+  else:
+    if not Path(path).is_file():
+      raise FileNotFoundError(f"--prompt-file {path} does not exist")
+    text = Path(path).read_text(encoding="utf-8")
+  return text.removesuffix("\n")
+
+
+def sampling_kwargs(args) -> dict:
+  """Model.generate / ChatSession.send keywords of the sampling flags."""
+  if args.max_new_tokens < 1:
+    raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+  return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+              top_k=args.top_k or None, top_p=args.top_p)
+
+
+def load_model(args, quantize: bool = True, dtype=None) -> gemma.Model:
+  """`gemma.load` of --checkpoint with the flags that describe it: --dtype, --preset, --quant
+  (unless `quantize` is False), --kv-quant, --mesh, --ple-on-host."""
+  return gemma.load(args.checkpoint, dtype=dtype or args.dtype, preset=args.preset,
+                    quant=getattr(args, "quant", None) if quantize else None,
+                    kv_quant=getattr(args, "kv_quant", None),
+                    mesh=getattr(args, "mesh", None) or None,
+                    ple_on_host=getattr(args, "ple_on_host", False))

@@ -1,5 +1,5 @@
-"""The quantization commands of the `gemma4` CLI: `quantize` and `eval` (base flags in gemma/cli/app.py,
-calibration and reference flags here)."""
+"""`gemma4 quantize` and `gemma4 eval`: flags onto `gemma.load`, `Model.quantize`,
+`Model.save` and `Model.evaluate`."""
 
 from __future__ import annotations
 
@@ -8,26 +8,25 @@ import json
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 
-from gemma.cli.common import _dtype, _load, _tokenizer
-from gemma.inference.evaluate import check_stride, evaluate
-from gemma.io.checkpoint import load
-from gemma.io.formats.converted import copy_tokenizer, save_converted
-from gemma.parallel import sharding
-from gemma.quant import QArray, allocate, quantize_params
-from gemma.quant.calibrate import Calibration, calibrate, calibration_windows
+import gemma
+from gemma.api import is_quantized
+from gemma.cli import common
+from gemma.inference.evaluate import check_stride
+from gemma.quant import allocate
+from gemma.quant.calibrate import Calibration
 from gemma.quant.footprint import size_report
 from gemma.quant.gptq import METHODS
-from gemma.quant.recipes import get_recipe
+from gemma.quant.recipes import RECIPES, get_recipe
 
 
-def add_quantize_parser(sub, common, recipes) -> None:
+def add_quantize_parser(sub) -> None:
   """`gemma4 quantize`: recipe, output, and the flags of calibrated rounding and bit allocation."""
   p = sub.add_parser("quantize", help="quantize a checkpoint tensor by tensor and save it")
-  common(p, dtype_help="stored dtype of the tensors kept in float (default bfloat16)")
-  p.add_argument("--recipe", choices=list(recipes), required=True)
+  common.add_checkpoint(p, dtype_help="stored dtype of the tensors kept in float "
+                        "(default bfloat16)")
+  p.add_argument("--recipe", choices=list(RECIPES), required=True)
   p.add_argument("--out", required=True, help="output directory (loads like any checkpoint)")
   p.add_argument("--force", action="store_true", help="overwrite an existing --out")
   d = Calibration()
@@ -48,7 +47,18 @@ def add_quantize_parser(sub, common, recipes) -> None:
                  "this average of stored bits per quantized weight, by measured sensitivity")
 
 
-def add_reference_flag(p) -> None:
+def add_eval_flags(p) -> None:
+  p.add_argument("--text", required=True, help="UTF-8 text file to score")
+  p.add_argument("--context", type=int, default=1024,
+                 help="window length in tokens, BOS included (default 1024)")
+  p.add_argument("--stride", type=int, default=None,
+                 help="strided (sliding-window) perplexity: a window starts every N text "
+                 "tokens and scores only its last N, so each token is scored once with >= "
+                 "context-1-N tokens of history; 1 <= N <= context-1 (default context-1: "
+                 "non-overlapping windows)")
+  p.add_argument("--max-tokens", type=int, default=0,
+                 help="score only the first N tokens of the text (0: all)")
+  p.add_argument("--json", action="store_true", help="last stdout line is a JSON object")
   p.add_argument("--reference", default=None, metavar="PATH",
                  help="score against this checkpoint (any format, same tokenizer and "
                  "vocabulary) instead of the unquantized --checkpoint: KL, top-1 agreement and "
@@ -64,23 +74,10 @@ def _size_line(params) -> str:
   return line
 
 
-def _calibration(args, recipe):
-  """(Calibration, windows, recipe to use) from the flags, all checked before any weight loads."""
-  if not args.calibrate:
-    if args.method or args.target_bpw is not None:
-      raise ValueError("--method and --target-bpw need --calibrate TEXT")
-    return None, None, recipe
-  calib = Calibration(method=args.method or "gptq", tokens=args.calib_tokens,
-                      context=args.calib_context, damp=args.damp)
-  if args.target_bpw is not None:
-    allocate.check_target(args.target_bpw, allocate.candidates(recipe))
-  tokenizer = _tokenizer(args.checkpoint)
-  text = Path(args.calibrate).read_text(encoding="utf-8")
-  ids = tokenizer.encode(text, add_bos=False)
-  windows = calibration_windows(ids, tokenizer.bos_id, calib)
-  note = (f"{calib.method} on {Path(args.calibrate).name}: {windows.shape[0]} windows of "
-          f"{calib.context} tokens, damp {calib.damp}")
-  return calib, windows, dataclasses.replace(recipe, calibration=note)
+def _read_text(path: str, flag: str) -> str:
+  if not Path(path).is_file():
+    raise FileNotFoundError(f"{flag} {path} does not exist")
+  return Path(path).read_text(encoding="utf-8")
 
 
 def cmd_quantize(args) -> int:
@@ -91,69 +88,63 @@ def cmd_quantize(args) -> int:
   out = Path(args.out)
   if (out / "params").exists() and not args.force:
     raise ValueError(f"{out} already holds a checkpoint (pass --force to overwrite)")
-  calib, windows, recipe = _calibration(args, recipe)
-  t0 = time.perf_counter()
   float_dtype = jnp.dtype(args.dtype or "bfloat16")
-  if calib is None:
+  t0 = time.perf_counter()
+  if not args.calibrate:
+    if args.method or args.target_bpw is not None:
+      raise ValueError("--method and --target-bpw need --calibrate TEXT")
     # float32 source, each tensor quantized (or cast to --dtype) as soon as it is read
-    cfg, params = load(args.checkpoint, jnp.float32, preset=args.preset, quant=recipe,
+    model = gemma.load(args.checkpoint, dtype="float32", preset=args.preset, quant=recipe,
                        float_dtype=float_dtype)
-  else:
-    cfg, params = load(args.checkpoint, jnp.float32, preset=args.preset)
-    if _quantized(params):
-      raise ValueError(f"{args.checkpoint} is already quantized; calibrate from a float "
-                       "checkpoint")
+  else:  # every flag is checked before any weight loads
+    calib = Calibration(method=args.method or "gptq", tokens=args.calib_tokens,
+                        context=args.calib_context, damp=args.damp)
     if args.target_bpw is not None:
-      recipe = allocate.allocate(params, cfg, recipe, windows, args.target_bpw)
-      print(f"widths chosen for {args.target_bpw} bits/weight:\n{allocate.widths_table(recipe)}")
-    params = calibrate(params, cfg, recipe, windows, calib)
-    params = jax.tree.map(lambda x: x if isinstance(x, QArray) else x.astype(float_dtype),
-                          params, is_leaf=lambda x: isinstance(x, QArray))
-  save_converted(out, cfg, params, force=args.force, recipe=recipe)
-  copy_tokenizer(args.checkpoint, out)
-  how = f" ({recipe.calibration})" if recipe.calibration else ""
-  print(f"quantized {cfg.name} with {recipe.name}{how} in {time.perf_counter() - t0:.1f} s: "
-        f"{_size_line(params)}")
+      allocate.check_target(args.target_bpw, allocate.candidates(recipe))
+    text = _read_text(args.calibrate, "--calibrate")
+    model = gemma.load(args.checkpoint, dtype="float32", preset=args.preset)
+    windows = len(model.text_ids(text)[:calib.tokens]) // (calib.context - 1)
+    note = (f"{calib.method} on {Path(args.calibrate).name}: {windows} windows of "
+            f"{calib.context} tokens, damp {calib.damp}")
+    model = model.quantize(
+        dataclasses.replace(recipe, calibration=note), calibrate_on=text, calibration=calib,
+        target_bpw=args.target_bpw, float_dtype=float_dtype,
+        on_widths=lambda r: print(f"widths chosen for {args.target_bpw} bits/weight:\n"
+                                  f"{allocate.widths_table(r)}"))
+  model.save(out, force=args.force)
+  how = f" ({model.recipe.calibration})" if model.recipe.calibration else ""
+  print(f"quantized {model.name} with {model.recipe.name}{how} in "
+        f"{time.perf_counter() - t0:.1f} s: {_size_line(model.params)}")
   print(f"wrote {out.absolute()}")
   return 0
 
 
-def _quantized(params) -> bool:
-  return any(isinstance(x, QArray) for x in jax.tree.leaves(
-      params, is_leaf=lambda x: isinstance(x, QArray)))
-
-
 def cmd_eval(args) -> int:
   """`gemma4 eval`: perplexity, and KL / top-1 agreement against the unquantized model (weights
-  without --quant, KV cache without --kv-quant)."""
+  without --quant, KV cache without --kv-quant) or against --reference."""
   stride = check_stride(args.context, args.stride)  # before loading anything
-  text = Path(args.text).read_text(encoding="utf-8")
+  text = _read_text(args.text, "--text")
   if args.max_tokens < 0:
     raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-  tokenizer = _tokenizer(args.checkpoint)
-  text_ids = tokenizer.encode(text, add_bos=False)
-  ids = text_ids[:args.max_tokens] if args.max_tokens else text_ids
-  ref_cfg = None
+  if args.reference and not Path(args.reference).exists():
+    raise FileNotFoundError(f"--reference {args.reference} does not exist")
+  reference = None
   if args.quant:
-    cfg, reference = _load(args, quantize=False)
-    if _quantized(reference):
+    reference = common.load_model(args, quantize=False)
+    if is_quantized(reference.params):
       raise ValueError(f"{args.checkpoint} is already quantized; evaluate it without --quant")
-    params = quantize_params(reference, args.quant)
+    model = reference.quantize(args.quant)
   else:
-    (cfg, params), reference = _load(args), None
+    model = common.load_model(args)
   if args.reference:
-    ref_cfg, reference = _reference(args, cfg, tokenizer, text, text_ids)
-  elif args.kv_quant and reference is None:  # compare against the same weights, plain cache
-    reference = params
-  if getattr(args, "mesh", None):
-
-    mesh = sharding.make_mesh(args.mesh)
-    params = sharding.shard_params(params, mesh)
-    reference = None if reference is None else sharding.shard_params(reference, mesh)
-  result = evaluate(params, cfg, ids, args.context, reference=reference,
-                    bos_id=getattr(tokenizer, "bos_id", None), kv_quant=args.kv_quant,
-                    stride=stride, reference_cfg=ref_cfg)
-  size = size_report(params)
+    reference = gemma.load(args.reference, dtype=args.dtype, preset=args.preset,
+                           mesh=model.mesh)
+    if reference.tokenizer is None:
+      raise ValueError(f"--reference {args.reference} has no tokenizer to check against "
+                       f"--checkpoint's")
+  result = model.evaluate(text, context=args.context, stride=stride, max_tokens=args.max_tokens,
+                          reference=reference)
+  size = size_report(model.params)
   bits = size["quantized_bits_per_weight"] or size["bits_per_weight"]
   out = dict(perplexity=result.perplexity, mean_kl=result.mean_kl,
              top1_agreement=result.top1_agreement, bits_per_weight=bits,
@@ -162,33 +153,11 @@ def cmd_eval(args) -> int:
              recipe=args.quant or "none",
              kv_quant=args.kv_quant or "none",
              reference=args.reference or "unquantized",
-             model=cfg.name, bytes=size["total_bytes"], seconds=result.seconds)
-  print(f"{cfg.name} [{out['recipe']}, kv {out['kv_quant']}] on {result.tokens} tokens: perplexity "
-        f"{result.perplexity:.4f} (reference {result.reference_perplexity:.4f}), mean KL "
-        f"{result.mean_kl:.5f}, top-1 agreement {result.top1_agreement:.4f}, "
+             model=model.name, bytes=size["total_bytes"], seconds=result.seconds)
+  print(f"{model.name} [{out['recipe']}, kv {out['kv_quant']}] on {result.tokens} tokens: "
+        f"perplexity {result.perplexity:.4f} (reference {result.reference_perplexity:.4f}), "
+        f"mean KL {result.mean_kl:.5f}, top-1 agreement {result.top1_agreement:.4f}, "
         f"{bits:.3f} bits/weight")
   if args.json:
     print(json.dumps(out))
   return 0
-
-
-def _reference(args, cfg, tokenizer, text, text_ids):
-  """(config, params) of --reference, after checking it reads the text as `text_ids` (the
-  --checkpoint tokenizer's ids) too."""
-  path = Path(args.reference)
-  if not path.exists():
-    raise FileNotFoundError(f"--reference {path} does not exist")
-  try:
-    ref_tokenizer = _tokenizer(args.reference)
-  except (FileNotFoundError, ValueError) as e:
-    raise ValueError(f"--reference {path} has no tokenizer to check against --checkpoint's "
-                     f"({e})") from None
-  if ref_tokenizer.encode(text, add_bos=False) != text_ids or (
-      getattr(ref_tokenizer, "bos_id", None) != getattr(tokenizer, "bos_id", None)):
-    raise ValueError(f"--reference {path} tokenizes the text differently from --checkpoint "
-                     f"{args.checkpoint}: they must share the tokenizer")
-  ref_cfg, reference = load(args.reference, _dtype(args.dtype), preset=args.preset)
-  if ref_cfg.vocab_size != cfg.vocab_size:
-    raise ValueError(f"--reference {path} has a vocabulary of {ref_cfg.vocab_size}, --checkpoint "
-                     f"{args.checkpoint} of {cfg.vocab_size}: KL needs the same vocabulary")
-  return ref_cfg, reference

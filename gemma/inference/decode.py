@@ -30,7 +30,7 @@ from gemma.kv.cache import KVCache, init_cache
 from gemma.model.config import ModelConfig
 from gemma.model.params import Params
 from gemma.model.transformer import forward
-from gemma.parallel import host_ple, sharding
+from gemma.parallel import host_ple, memory, sharding
 
 MIN_BUCKET = 8
 GREEDY = Sampler()
@@ -181,25 +181,8 @@ def device_memory_limit() -> int | None:
 def check_memory(params: Params, cfg: ModelConfig, batch: int, max_length: int,
                  kv_quant, mesh: Mesh | None = None) -> None:
   """Refuses, before allocating the cache, a run whose weights + KV cache exceed one device
-  (the bytes one device holds when params and cache are placed on `mesh`)."""
-  limit = device_memory_limit()
-  if limit is None:
-    return
-  sizes = dict(mesh.shape) if mesh is not None else {}
-  cache_shapes = jax.eval_shape(
-      lambda: init_cache(cfg, batch, max_length, params.embed.dtype, kv_quant))
-  weights = sharding.per_device_bytes(params, sharding.param_specs(params, sizes), sizes)
-  cache = sharding.per_device_bytes(cache_shapes, sharding.cache_specs(cache_shapes, sizes),
-                                    sizes)
-  if weights + cache > limit:
-    gib = 1 << 30
-    where = f" on each of {mesh.size} devices ({'x'.join(map(str, mesh.shape.values()))})" \
-        if mesh is not None else ""
-    raise ValueError(
-        f"this run does not fit the device{where}: {weights / gib:.2f} GiB weights + "
-        f"{cache / gib:.2f} GiB KV cache ({batch} x {max_length} tokens, "
-        f"kv {kv_quant or 'model dtype'}) > {limit / gib:.2f} GiB; lower --max-new-tokens or "
-        f"the batch, use --kv-quant or --quant, or see `gemma4 plan`")
+  (`gemma.parallel.memory.check_fits`, the planner `gemma4 plan` uses too)."""
+  memory.check_fits(params, cfg, batch, max_length, kv_quant, mesh, device_memory_limit())
 
 
 def check_capacity(cfg: ModelConfig, prompt_len: int, max_new_tokens: int,

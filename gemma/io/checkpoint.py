@@ -78,9 +78,9 @@ def load(path: str | Path, dtype=jnp.bfloat16, cfg: ModelConfig | None = None,
   asking for the recipe it was quantized with is a no-op, any other recipe is an error.
   `float_dtype` casts the weights `quant` keeps in float (default: `dtype`).
 
-  `mesh` (a `jax.sharding.Mesh`, e.g. `gemma.parallel.sharding.make_mesh("2x4")`) loads every leaf
-  straight into the `NamedSharding` that `gemma.parallel.sharding.param_specs` gives it, never whole on
-  one device. What each process reads, by format:
+  `mesh` (a `jax.sharding.Mesh`, e.g. `gemma.parallel.sharding.make_mesh("2x4")`) loads every
+  leaf straight into the `NamedSharding` that `gemma.parallel.sharding.param_specs` gives it,
+  never whole on one device. What each process reads, by format:
     hf         tensors are memory-mapped and each process reads only the slices its devices own
                (each distinct slice once)
     converted  Orbax restores into the target shardings, so TensorStore reads only the chunks

@@ -1,4 +1,5 @@
-"""The model: config and presets, the params pytree, layers, attention, MoE and the forward pass.
+"""The model: config and presets, the params pytree and its weight table, layers, attention, MoE
+and the forward pass.
 
 Imports nothing above it (no KV cache code except the cache types the forward pass threads
 through, no checkpoints, no training)."""

@@ -1,2 +1,2 @@
-"""Scale-out: device meshes and parameter/cache shardings, multi-host start-up, host-memory
-per-layer embeddings."""
+"""Scale-out: device meshes, parameter/cache shardings and placement, the per-device memory
+planner, multi-host start-up, host-memory per-layer embeddings."""

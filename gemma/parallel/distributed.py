@@ -1,10 +1,10 @@
 """Multi-host (multi-process) runs: `jax.distributed.initialize` wiring and helpers.
 
 One process per host (or per accelerator group) runs the same command; together they see one
-global set of devices, `jax.devices()`, over which `gemma.parallel.sharding.make_mesh` builds the mesh.
-Only JAX's own machinery is used: `jax.distributed.initialize` (coordinator service, process
-discovery and topology exchange) and `jax.experimental.multihost_utils` (gather, barrier). On
-CPU the cross-process collectives are JAX's Gloo implementation
+global set of devices, `jax.devices()`, over which `gemma.parallel.sharding.make_mesh` builds the
+mesh. Only JAX's own machinery is used: `jax.distributed.initialize` (coordinator service,
+process discovery and topology exchange) and `jax.experimental.multihost_utils` (gather,
+barrier). On CPU the cross-process collectives are JAX's Gloo implementation
 (`jax_cpu_collectives_implementation`, "gloo" unless the user chose "mpi").
 
 Flags (see `add_flags`), and what `initialize` does with them:

@@ -1,7 +1,7 @@
 """Probes: weights that record what flows through them, for calibration.
 
-A `Probe` wraps a weight leaf of the params tree. `gemma.model.layers.einsum` / `ragged_dot` run it as
-the plain weight and, inside an active `recording()` (entered inside the traced function),
+A `Probe` wraps a weight leaf of the params tree. `gemma.model.layers.einsum` / `ragged_dot` run
+it as the plain weight and, inside an active `recording()` (entered inside the traced function),
 record the input statistic H = Σ x xᵀ over the weight's contracted input axes (per expert for
 grouped matmuls, from the rows routed to each expert), flattened in the weight's input-axis
 order. A probe may also carry a `tap`, an array added to its output (zeros): the gradient of a

@@ -48,8 +48,9 @@ class QuantSpec:
   law: TurboQuant codebook law: "beta" (exact for dimension g), "gauss" (the N(0, 1/g) limit) or
     "poly" (an odd polynomial in the code fit to "beta": a kernel evaluates it with FMAs).
   scale_fit: TurboQuant_mse's per-block scale: "norm" (the paper: ‖w_block‖), "unbiased"
-    (‖w_block‖ / (1 - D_mse(b)), removing the shrinkage E⟨u, ũ⟩ = 1 - D_mse(b)) or "lsq" (the least-squares
-    scale for the chosen codes, ‖w‖ ⟨Πu, c⟩ / ⟨c, c⟩: the lowest MSE for those codes).
+    (‖w_block‖ / (1 - D_mse(b)), removing the shrinkage E⟨u, ũ⟩ = 1 - D_mse(b)) or "lsq" (the
+    least-squares scale for the chosen codes, ‖w‖ ⟨Πu, c⟩ / ⟨c, c⟩: the lowest MSE for those
+    codes).
   """
 
   method: str = "tq"

@@ -1,8 +1,8 @@
 """What a fine-tuning run is: one frozen dataclass, built in code (configs/*.py `get_config()`).
 
 Experiments are `dataclasses.replace` deltas of a base config; CLI flags override fields the same
-way. The model comes from `checkpoint` (any format `gemma.io.checkpoint.load` reads) or, without one,
-is initialized at random from `preset` plus `model` overrides and the named structural
+way. The model comes from `checkpoint` (any format `gemma.io.checkpoint.load` reads) or, without
+one, is initialized at random from `preset` plus `model` overrides and the named structural
 `ablations` (configs/ablations). `tokenizer` defaults to the checkpoint's.
 """
 

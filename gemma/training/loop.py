@@ -250,8 +250,8 @@ def load_trained(out: str | Path) -> tuple[object, FinetuneConfig, dict]:
 
 # ---------------------------------------------------------------------------- the loop
 def _place_on_mesh(run: Run, state: dict, mesh_text: str):
-  """Shards the frozen base and the train state by `gemma.parallel.sharding`'s rules (optimizer moments
-  like their params); batch rows go over `data`. Returns (state, batch placer)."""
+  """Shards the frozen base and the train state by `gemma.parallel.sharding`'s rules (optimizer
+  moments like their params); batch rows go over `data`. Returns (state, batch placer)."""
   mesh = sharding.make_mesh(mesh_text)
   sizes = dict(mesh.shape)
   if run.frozen is not None:

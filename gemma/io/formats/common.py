@@ -7,11 +7,11 @@ output size), and raises one `CheckpointError` listing every missing, unexpected
 tensor.
 
 With a device mesh, each leaf is created directly with the `NamedSharding` that
-`gemma.parallel.sharding.param_specs` gives it, by `jax.make_array_from_callback`: jax asks only for the
-slices of this process's addressable devices, and each distinct slice is copied (and cast) once
-from the loaded tensor. When a loader returns a memory-mapped tensor (HF safetensors) and the
-transform keeps it a view (transposes, axis splits and `np.split` do), only the owned slices'
-bytes are ever read from disk.
+`gemma.parallel.sharding.param_specs` gives it, by `jax.make_array_from_callback`: jax asks only
+for the slices of this process's addressable devices, and each distinct slice is copied (and
+cast) once from the loaded tensor. When a loader returns a memory-mapped tensor (HF safetensors)
+and the transform keeps it a view (transposes, axis splits and `np.split` do), only the owned
+slices' bytes are ever read from disk.
 """
 
 from __future__ import annotations

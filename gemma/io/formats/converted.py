@@ -220,9 +220,9 @@ def load(path: str | Path, dtype, cfg: ModelConfig | None = None,
   Bit-exact when `dtype` is the saved dtype; a quantized checkpoint loads its QArrays as stored
   (float leaves cast to `dtype`). `finish` (float checkpoints only) maps each leaf as it is
   read. With a `mesh` (a `jax.sharding.Mesh`) each leaf is restored with its
-  `gemma.parallel.sharding.param_specs` sharding, reading only the chunks that overlap the slices this
-  process owns. Raises CheckpointError naming every missing, unexpected and mis-shaped leaf, or
-  the file that cannot be read.
+  `gemma.parallel.sharding.param_specs` sharding, reading only the chunks that overlap the slices
+  this process owns. Raises CheckpointError naming every missing, unexpected and mis-shaped
+  leaf, or the file that cannot be read.
   """
   import orbax.checkpoint as ocp
 
