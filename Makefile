@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FIXTURE ?= tests/fixtures/e_style
 
-.PHONY: venv test demo demo-fixture lint clean
+.PHONY: venv test test-fast demo demo-fixture lint clean
 
 venv: $(STAMP)
 
@@ -15,8 +15,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test,real,plots]"
 	@touch $(STAMP)
 
-test: venv
+TUNIX_STAMP := $(VENV)/.tunix
+
+# the tunix extra (google-tunix, about 1 GB with its dependencies) only for the full suite
+$(TUNIX_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[test,real,plots,tunix]"
+	@touch $@
+
+test: venv $(TUNIX_STAMP)
 	$(PY) -m pytest -q -n auto --dist loadfile
+
+# without the tests marked slow: under 4 minutes on 2 cores
+test-fast: venv
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow"
 
 # The main job: real text from Google's released Gemma 3 270M weights (GGUF, via the `real` extra).
 DEMO_PROMPT ?= The capital of France is

@@ -40,10 +40,30 @@ def test_named_ablations_still_importable():
           "no_kv_sharing"} <= set(ablations.EXPERIMENTS)
 
 
-def _finetune_model(ft):
-  """The ModelConfig of a random-init fine-tuning config, from its preset."""
-  cfg = dataclasses.replace(C.get_preset(ft.preset), **dict(ft.model))
-  return ablations.ablate(cfg, *ft.ablations)
+# what each named ablation must change in the model config (checked on the built config)
+ABLATION_EFFECTS = {
+    "no_kv_sharing": lambda c: c.num_kv_shared_layers == 0 and not any(
+        s.shares_kv for s in c.layers),
+    "no_ple": lambda c: not c.use_ple and c.ple_dim == 0,
+    "all_global": lambda c: all(s.attention is C.AttentionType.GLOBAL for s in c.layers),
+    "no_softcap": lambda c: c.final_softcap is None,
+    "scaled_attention": lambda c: c.query_pre_attn_scalar == float(c.head_dim),
+}
+
+
+def test_every_named_ablation_has_its_effect():
+  assert set(ABLATION_EFFECTS) == set(ablations.ABLATIONS)
+  base = C.get_preset("gemma4-e2b")
+  for name, effect in ABLATION_EFFECTS.items():
+    assert not effect(base), name  # the preset does not already have it
+    cfg = ablations.ablate(base, name)
+    assert effect(cfg) and cfg.name == f"gemma4-e2b+{name}", name
+    # nothing else changes
+    changed = {f.name for f in dataclasses.fields(cfg)
+               if getattr(cfg, f.name) != getattr(base, f.name)}
+    assert changed <= {"name", "num_kv_shared_layers", "double_wide_mlp", "ple_dim",
+                       "ple_vocab_size", "layer_types", "final_softcap",
+                       "query_pre_attn_scalar"}, (name, changed)
 
 
 @pytest.mark.parametrize("name", ablations.EXPERIMENTS)
@@ -66,11 +86,11 @@ def test_every_experiment_builds(name):
 
       assert isinstance(setting, FinetuneConfig)
       assert set(setting.ablations) <= set(ablations.ABLATIONS)
-      cfg = _finetune_model(setting)
-      assert cfg == model_config(setting)
+      cfg = model_config(setting)
+      assert all(ABLATION_EFFECTS[a](cfg) for a in setting.ablations), point.label
       assert P.count(P.abstract(cfg)) > 0
   if exp.kind == "finetune":  # the ablation changes the model's structure
-    models = [_finetune_model(s) for _, s in exp.resolved()]
+    models = [model_config(s) for _, s in exp.resolved()]
     assert len({P.count(P.abstract(m)) for m in models}) == len(models)
 
 

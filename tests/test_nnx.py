@@ -319,3 +319,45 @@ def test_errors():
     module.to_params(lora="fold")
   with pytest.raises(TypeError, match="ModelConfig"):
     gnnx.Gemma(params, {"name": "x"})
+
+
+@pytest.mark.slow
+def test_tunix_peft_trainer_trains_the_lora_params():
+  """Tunix's `PeftTrainer` takes the module as it is: it finds the `nnx.LoRAParam`s, trains only
+  them, and two of its steps equal two functional fine-tuning steps (plain AdamW). `make test`
+  installs the `tunix` extra (google-tunix, beside our pinned jax)."""
+  peft_trainer = pytest.importorskip(
+      "tunix.sft.peft_trainer", reason="google-tunix is not installed (make test installs the "
+      "`tunix` extra)")
+  cfg, params, lr, key = _cfg(), _params(), 1e-2, jax.random.key(3)
+  batch = _batch(cfg)
+  ft = FinetuneConfig(preset="gemma4-e2b", lr=lr, steps=10, warmup_steps=0, end_lr_ratio=1.0,
+                      weight_decay=0.0, clip_norm=0.0, lora_rank=4, lora_alpha=8.0)
+  run = loop.Run(ft, cfg, params, lora.init_adapters(key, params, 4), [], None)
+  step = loop.make_train_step(run)
+  state = loop.init_state(run, loop.optimizer(ft))
+  for _ in range(2):
+    state, _, _ = step(state, params, jax.tree.map(lambda x: x[None], batch))
+
+  module = gnnx.from_params(params, cfg).add_lora(4, 8.0, key=key)
+  frozen = module.to_params()
+
+  def loss_fn(m, tokens, positions, targets, weights):
+    nll, n = loop.loss_sums(m.adapters(), m.to_params(),
+                            dict(tokens=tokens, positions=positions, targets=targets,
+                                 weights=weights), cfg, m.lora_scale)
+    return nll / n
+
+  config = peft_trainer.TrainingConfig(eval_every_n_steps=100, max_steps=2,
+                                       checkpoint_root_directory=None, pbar_description=None)
+  trainer = peft_trainer.PeftTrainer(module, optax.adamw(lr, weight_decay=0.0), config)
+  trainer = trainer.with_loss_fn(loss_fn)
+  trainer.train([batch, batch])
+  assert trainer.train_steps == 2
+  got, want = module.adapters(), state["trainable"]
+  for n in want:
+    np.testing.assert_allclose(got[n].a, want[n].a, rtol=1e-4, atol=1e-5, err_msg=n)
+    np.testing.assert_allclose(got[n].b, want[n].b, rtol=1e-4, atol=1e-5, err_msg=n)
+  assert any(np.abs(want[n].b).max() > 0 for n in want)
+  for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(module.to_params()), strict=True):
+    np.testing.assert_array_equal(a, b)  # the base weights did not move
