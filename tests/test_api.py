@@ -14,6 +14,7 @@ import gemma
 from gemma.inference import session as session_lib
 from gemma.inference.decode import generate
 from gemma.inference.text import Detokenizer
+from gemma.io import checkpoint
 from gemma.io.checkpoint import CheckpointError
 from gemma.model.transformer import forward
 from gemma.quant import QArray
@@ -31,6 +32,15 @@ def test_load_resolves_everything_once(model):
   assert model.cfg.name and model.dtype == jnp.float32  # CPU default
   # config / generation_config EOS, the tokenizer's <eos>, and the chat end-of-turn marker
   assert set(model.stop_ids) == {1, tok.eos_id, tok.piece_to_id("<turn|>")}
+
+
+def test_generation_config_eos_reaches_the_functional_path_too(tmp_path):
+  for f in ("config.json", "model.safetensors"):
+    shutil.copy(f"{FIXTURES}/e_style/{f}", tmp_path / f)
+  (tmp_path / "generation_config.json").write_text('{"eos_token_id": [1, 7]}')
+  cfg, _ = checkpoint.load(tmp_path, jnp.float32)
+  assert set(cfg.eos_ids) == {1, 7}  # load + decode.generate stop where gemma.load's model does
+  assert set(gemma.load(tmp_path).stop_ids) == {1, 7}
 
 
 def test_generate_text_matches_the_functional_loop(model):

@@ -105,8 +105,8 @@ def load(path: str | Path, dtype=jnp.bfloat16, cfg: ModelConfig | None = None,
   loader = {"hf": hf.load, "gguf": gguf.load, "orbax": orbax_official.load,
             "converted": converted.load}[fmt]
   cfg, params = loader(Path(path), dtype, cfg, finish=finish, mesh=mesh)
+  cfg = with_generation_eos(cfg, path)
   if mesh is not None and finish is not None:
-
     # quantize-on-load outputs land where XLA put them: move every leaf to its param_specs
     # place (a no-op for leaves already there)
     params = shard_params(params, mesh)
@@ -150,7 +150,7 @@ def convert(src_path: str | Path, out_dir: str | Path, dtype, cfg: ModelConfig |
   """Loads any supported checkpoint via `gemma.io.checkpoint.load` and saves it converted.
 
   Writes the source's tokenizer (`copy_tokenizer`: from GGUF metadata too) and copies
-  generation_config.json; its EOS ids are merged into the saved config. `transform(params)`
+  generation_config.json (whose EOS ids `load` merges into the config). `transform(params)`
   edits the params before saving (e.g. folding in LoRA adapters); `load_dtype` (default `dtype`)
   is the dtype they are loaded and transformed in, before the cast to `dtype`.
   """
@@ -160,11 +160,6 @@ def convert(src_path: str | Path, out_dir: str | Path, dtype, cfg: ModelConfig |
   cfg, params = load(src, load_dtype or dtype, cfg)
   if transform is not None:
     params = jax.tree.map(lambda x: x.astype(dtype), transform(params))
-  gen = src / "generation_config.json"
-  if gen.is_file():
-    eos = json.loads(gen.read_text()).get("eos_token_id")
-    eos = [eos] if isinstance(eos, int) else (eos or [])
-    cfg = dataclasses.replace(cfg, eos_ids=tuple(sorted({*cfg.eos_ids, *map(int, eos)})))
   if tokenizer_file is None and (src / "tokenizer.model").is_file():
     tokenizer_file = src / "tokenizer.model"
   t1 = time.perf_counter()
@@ -176,16 +171,24 @@ def convert(src_path: str | Path, out_dir: str | Path, dtype, cfg: ModelConfig |
   return out
 
 
+def with_generation_eos(cfg: ModelConfig, path: str | Path) -> ModelConfig:
+  """`cfg` with the EOS ids of a `generation_config.json` in the checkpoint directory added (so
+  `load` + `gemma.inference.decode.generate` stop where the command does)."""
+  gen = Path(path) / "generation_config.json"
+  if not gen.is_file():
+    return cfg
+  eos = json.loads(gen.read_text()).get("eos_token_id")
+  eos = {int(i) for i in ([eos] if isinstance(eos, int) else (eos or []))}
+  if eos <= set(cfg.eos_ids):
+    return cfg
+  return dataclasses.replace(cfg, eos_ids=tuple(sorted({*cfg.eos_ids, *eos})))
+
+
 def stop_ids(path: str | Path, cfg: ModelConfig, tokenizer=None) -> tuple[int, ...]:
   """Every id generation stops on, resolved once for any format: the config's EOS ids (GGUF:
-  EOS, EOT and end-of-turn from its metadata), `generation_config.json`'s `eos_token_id` beside
-  the checkpoint, the tokenizer's <eos>, and its chat template's end-of-turn marker."""
-  ids = set(cfg.eos_ids)
-  path = Path(path)
-  gen = path / "generation_config.json"
-  if path.is_dir() and gen.is_file():
-    eos = json.loads(gen.read_text()).get("eos_token_id")
-    ids.update([eos] if isinstance(eos, int) else (eos or []))
+  EOS, EOT and end-of-turn from its metadata; a directory's `generation_config.json`, merged by
+  `load`), the tokenizer's <eos>, and its chat template's end-of-turn marker."""
+  ids = set(with_generation_eos(cfg, path).eos_ids)
   if tokenizer is not None:
     ids.add(tokenizer.eos_id)
     ids.update(i for i in (tokenizer.piece_to_id(t.end) for t in TEMPLATES.values())
