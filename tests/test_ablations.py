@@ -141,6 +141,7 @@ def _assert_outputs(out: Path, pngs, labels):
   return rows
 
 
+@pytest.mark.slow
 def test_ablate_eval_grid_end_to_end(e_style_ckpt, tmp_path, capsys):
   text = tmp_path / "text.txt"
   text.write_text(ABLATION_TEXT)

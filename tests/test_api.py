@@ -53,6 +53,7 @@ def test_generate_text_matches_the_functional_loop(model):
   assert out.prefill_tokens_per_s > 0 and out.kv_cache_bytes > 0
 
 
+@pytest.mark.slow
 def test_generate_batches_of_text_and_ids(model):
   prompts = ["hello", "a longer prompt than the first one"]
   out = model.generate(prompts, max_new_tokens=4)
@@ -110,7 +111,8 @@ def _fresh(model, prompt, max_new_tokens):
                   eos_ids=model.stop_ids).tokens[0]
 
 
-@pytest.mark.parametrize("capacity", [256, 8])  # 8: the cache grows turn after turn
+# 8: the cache grows turn after turn
+@pytest.mark.parametrize("capacity", [pytest.param(256, marks=pytest.mark.slow), 8])
 def test_chat_session_keeps_its_cache(model, monkeypatch, capacity):
   monkeypatch.setattr(session_lib, "MIN_CAPACITY", capacity)
   chat = model.chat(system="Be brief.")
@@ -127,6 +129,7 @@ def test_chat_session_keeps_its_cache(model, monkeypatch, capacity):
   assert [m.role for m in chat.messages] == ["system"] + ["user", "model"] * len(turns)
 
 
+@pytest.mark.slow
 def test_chat_stream_and_context_limit(model):
   chat = model.chat(max_length=64)
   s = chat.send("Hello", max_new_tokens=4, stream=True)
@@ -139,6 +142,7 @@ def test_chat_stream_and_context_limit(model):
   assert chat.token_ids == [] and chat.messages == []
 
 
+@pytest.mark.slow
 def test_gemma3_chat_session(tmp_path):
   for f in ("config.json", "generation_config.json", "model.safetensors"):
     shutil.copy(f"{FIXTURES}/gemma3/{f}", tmp_path / f)
@@ -152,6 +156,7 @@ def test_gemma3_chat_session(tmp_path):
     m.chat(thinking=True).send("x", max_new_tokens=2)
 
 
+@pytest.mark.slow
 def test_logits_evaluate_quantize_save(model, tmp_path):
   ids = [2, 17, 5, 9, 33]
   logits = model.logits(ids)

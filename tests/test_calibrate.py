@@ -109,6 +109,7 @@ def test_probe_statistics_follow_the_weight_input_order():
   np.testing.assert_allclose(hs["e"], want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sequential_statistics_of_a_two_layer_model():
   """Layer 1's statistics come from the quantized layer 0; the LM head's from both."""
   cfg = tiny("gemma4-31b", num_layers=2, layer_types=("sliding", "full"))
@@ -193,6 +194,7 @@ def calibrated_dir(e_style_ckpt, text_file, tmp_path_factory):
   return out
 
 
+@pytest.mark.slow
 def test_calibrated_checkpoint_loads_and_runs_every_path(calibrated_dir, e_style_ckpt):
   recipe = read_recipe(calibrated_dir)
   assert recipe.name == "tq4" and recipe.calibration.startswith("gptq on alice.txt")
@@ -242,6 +244,7 @@ def test_eval_reference_compares_any_two_checkpoints(calibrated_dir, e_style_ckp
   assert alone["mean_kl"] == 0 and alone["reference"] == "unquantized"
 
 
+@pytest.mark.slow
 def test_target_bpw_records_widths(e_style_ckpt, text_file, tmp_path):
   out = tmp_path / "bpw"
   code, stdout = _run(["quantize", "--checkpoint", str(e_style_ckpt), "--recipe", "tq4",
@@ -288,6 +291,7 @@ def test_calibration_text_too_short_and_flags_without_text(e_style_ckpt, tmp_pat
   assert "invalid choice: 'optimal'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_reference_errors(e_style_ckpt, text_file, tmp_path, capsys):
   base = ["eval", "--checkpoint", str(e_style_ckpt), "--text", str(text_file)]
   assert cli.main(base + ["--reference", str(tmp_path / "missing")]) == 2
@@ -301,6 +305,7 @@ def test_eval_reference_errors(e_style_ckpt, text_file, tmp_path, capsys):
   assert "same vocabulary" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_moe_experts_calibrate_per_expert():
   """MoE layers: each expert is rounded with the H of the tokens routed to it."""
   cfg = tiny("gemma4-26b-a4b", num_layers=2, layer_types=("sliding", "full"))

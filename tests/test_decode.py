@@ -49,6 +49,7 @@ def _cached_logits(params, cfg, tokens, chunks, max_length):
   return np.stack(out, axis=1), cache
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", TINY_PRESETS)
 @pytest.mark.parametrize("chunks", [(5,), (3, 6)])
 def test_prefill_then_decode_equals_full_forward(preset, chunks):
@@ -65,6 +66,7 @@ def test_prefill_then_decode_equals_full_forward(preset, chunks):
   assert sorted(np.asarray(ring.pos[0])) == list(range(26 - cfg.sliding_window, 26))
 
 
+@pytest.mark.slow
 def test_long_prefill_wraps_ring_inside_one_chunk():
   cfg, params = _model("gemma4-e2b")
   tokens = np.random.default_rng(2).integers(3, cfg.vocab_size, (1, 21))
@@ -73,6 +75,7 @@ def test_long_prefill_wraps_ring_inside_one_chunk():
   np.testing.assert_allclose(cached, full[:, 18:], **TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", TINY_PRESETS)
 def test_left_padded_batch_equals_single_runs(preset):
   cfg, params = _model(preset)
@@ -93,6 +96,7 @@ def test_bucket_lengths_bound_recompiles():
   assert [bucket_length(n) for n in (1, 8, 9, 16, 17, 100)] == [8, 8, 16, 16, 32, 128]
 
 
+@pytest.mark.slow
 def test_bf16_cache_path_equals_bf16_forward():
   # closeness of bf16 to the reference is tested in test_parity.py
   cfg, params = _model("gemma4-e2b", std=0.02)
@@ -122,6 +126,7 @@ def test_generation_stops_at_eos():
   assert stopped.tokens[0] == free.tokens[0][: free.tokens[0].index(first) + 1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_cache_path_matches_reference_fixture(name):
   ref = np.load(f"{fixture_dir(name)}/reference.npz")

@@ -53,6 +53,7 @@ def test_tiny_config_overfits_via_cli(capsys):
   assert out["loss_last"] < 0.5 * out["loss_first"], out
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(tmp_path):
   cfg = _small(mode="lora", steps=6, warmup_steps=2, grad_accum=2, lora_rank=4, save_every=2,
                lr=1e-2)
@@ -80,6 +81,7 @@ def _chat_data(path, tokenizer_vocab=512):
   return str(path)
 
 
+@pytest.mark.slow
 def test_merge_lora_equals_adapter_path(e_style_ckpt, tmp_path, capsys):
   data = _chat_data(tmp_path / "d.jsonl")
   run_dir = tmp_path / "run"
@@ -105,6 +107,7 @@ def test_merge_lora_equals_adapter_path(e_style_ckpt, tmp_path, capsys):
   assert float(jnp.max(jnp.abs(with_lora - untouched))) > 1e-3  # the adapters matter
 
 
+@pytest.mark.slow
 def test_qlora_trains_through_quantized_base(tmp_path):
   # every step sees the same 3 examples, so the loss measures learning, not batch luck
   cfg = _small(mode="lora", quant="tq4", steps=8, warmup_steps=1, lr=2e-2, lora_rank=4,
@@ -115,6 +118,7 @@ def test_qlora_trains_through_quantized_base(tmp_path):
   assert all(isinstance(p, lora.LoraPair) for p in state["trainable"].values())
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch():
   cfg = _small(mode="lora", lora_rank=4)
   run = build(cfg, log=lambda m: None)

@@ -49,6 +49,7 @@ def test_out_of_range_ids_read_row_zero_like_the_model(e_style):
   np.testing.assert_array_equal(rows[0, 1], rows[0, 2])
 
 
+@pytest.mark.slow
 def test_generate_with_the_table_on_host_gives_the_same_tokens(e_style):
   cfg, params, ids = e_style
   prompts = [list(ids), list(ids[:5])]  # left padding included

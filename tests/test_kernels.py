@@ -144,6 +144,7 @@ def test_registry_dispatch_falls_through_and_logs_once(caplog):
   assert jax.default_backend() != "gpu" or registry.default_impl() is None
 
 
+@pytest.mark.slow
 def test_model_logits_through_the_kernel():
   """A quantized model gives the same logits with the kernel (interpret) and with XLA."""
   from gemma.model import params

@@ -43,6 +43,7 @@ def _quant_view(spec, q, k, v, pos):
   return KQ.update_and_view(layer, codec, k, v, pos, jnp.int32(0), jnp.int32(t), C.scatter, qg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [*WIDTHS, "tq3.5-mse"])
 @pytest.mark.parametrize("head_dim", [256, 512])
 def test_attention_on_codes_equals_dequantize_then_attend(name, head_dim):
@@ -63,6 +64,7 @@ def test_attention_on_codes_equals_dequantize_then_attend(name, head_dim):
 
 @pytest.mark.parametrize("name,window", [("tq3+r5", None), ("tq3+r5", 6), ("tq3+s2+r5", 6),
                                          ("tq3+s2", None)])
+@pytest.mark.slow
 def test_exact_sink_and_recent_window_with_codes_for_the_rest(name, window):
   """tq3+s2+r5: a query reads keys fewer than 5 positions back and positions < 2 from the
   bfloat16 copies and the rest from the codes, over a prefill and the decode steps after it
@@ -111,6 +113,7 @@ def test_exact_sink_and_recent_window_with_codes_for_the_rest(name, window):
   assert np.max(np.abs(np.asarray(out[:, :n] - exact[:, :n]))) < 1e-5
 
 
+@pytest.mark.slow
 def test_recent_window_longer_than_the_context_equals_a_bf16_cache():
   cfg, p = _cfg(), _params()
   tokens = jnp.asarray(np.random.default_rng(6).integers(0, cfg.vocab_size, (2, 10)), jnp.int32)
@@ -124,6 +127,7 @@ def test_recent_window_longer_than_the_context_equals_a_bf16_cache():
                              rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sink_and_window_with_left_padding_equal_an_unpadded_row():
   """The sink is per row (slot = position): a left-padded row (3 padding columns) attends as
   the same row alone, over a prefill and decode steps (tq3+s1+r3: ring of 3 wrapping)."""
@@ -152,6 +156,7 @@ def test_sink_and_window_with_left_padding_equal_an_unpadded_row():
   assert np.max(np.abs(np.asarray(padded - alone))) < 1e-4 * np.max(np.abs(np.asarray(alone)))
 
 
+@pytest.mark.slow
 def test_error_falls_with_width():
   q, k, v = _qkv(1, 1, 64, 2, 4, 256)
   pos = jnp.arange(64)[None].astype(jnp.int32)
@@ -164,6 +169,7 @@ def test_error_falls_with_width():
   assert errs == sorted(errs, reverse=True), errs
 
 
+@pytest.mark.slow
 def test_prod_keys_are_unbiased_and_mse_keys_are_not():
   """Over draws of (Π, S), TurboQuant_prod scores are unbiased; TurboQuant_mse scores shrink by
   1 - D_mse (T7 of the spec; for one fixed draw the QJL error is not mean-zero)."""
@@ -201,6 +207,7 @@ def _params():
   return params.init(jax.random.PRNGKey(0), _cfg(), jnp.float32, std=0.3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tq2.5", "tq3", "tq3.5-mse", "tq3+s1+r3"])
 def test_chunked_prefill_equals_streaming_decode(name):
   """Each query sees stored (quantized) K/V, its own included: a chunk == tokens one by one,
@@ -222,6 +229,7 @@ def test_chunked_prefill_equals_streaming_decode(name):
   assert np.max(np.abs(np.asarray(chunk) - steps)) < 1e-3 * np.max(np.abs(steps))
 
 
+@pytest.mark.slow
 def test_decode_through_the_kernels_matches_xla():
   """A decode step on a TurboQuant cache: Pallas kernels (interpret) == the XLA path."""
   cfg, p = _cfg(), _params()
@@ -242,6 +250,7 @@ def test_decode_through_the_kernels_matches_xla():
   assert np.max(np.abs(np.asarray(out["interpret"] - out["xla"]))) < 1e-4 * scale
 
 
+@pytest.mark.slow
 def test_evaluate_through_a_cache():
   """eval with a float32 cache == eval without one; a TurboQuant cache moves the logits."""
   from gemma.inference.evaluate import evaluate
@@ -298,6 +307,7 @@ def test_bad_widths_are_named():
   assert (spec.recent, spec.sink, spec.key_method) == (64, 2, "mse")
 
 
+@pytest.mark.slow
 def test_generate_json_reports_kv_cache_bytes(capsys):
   ckpt = fixture_dir("dense_keqv")  # head dims 32 and 64: every integer width packs
   for kind in ("tq4", "tq2", "bf16", "tq3+s1+r4"):

@@ -139,6 +139,7 @@ def _run_two_processes(port: int, timeout: float) -> list[tuple[int, str, str]]:
   return out
 
 
+@pytest.mark.slow
 def test_two_processes_on_a_2x4_mesh_match_one_device():
   from jax._src.lib import _jax
 

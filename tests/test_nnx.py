@@ -91,6 +91,7 @@ def test_logits_equal_the_functional_model_on_parity_fixtures(name):
   assert err <= 1e-4, err
 
 
+@pytest.mark.slow
 def test_params_round_trip_and_variables_carry_logical_axes():
   cfg = _cfg()
   params = _params()
@@ -138,6 +139,7 @@ def _partly_quantized(params):
   return jax.tree_util.tree_map_with_path(one, params)
 
 
+@pytest.mark.slow
 def test_quantized_weights_are_frozen_variables():
   """QLoRA: QArray leaves are `Quantized` (not Param): logits equal forward's, gradients and an
   optimizer over LoRAParam leave them alone, and the placement is `qarray_spec`'s."""

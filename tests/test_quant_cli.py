@@ -64,6 +64,7 @@ def test_quantize_on_load_equals_quantize_params():
   assert any(isinstance(x, QArray) and x.layout.batch_ndim == 1 for x in _leaves(streamed))
 
 
+@pytest.mark.slow
 def test_quantize_writes_loadable_checkpoint(e_style_ckpt, quantized_dir, capsys):
   out = (quantized_dir / "stdout.txt").read_text()
   assert "bytes/parameter (norms and scales included)" in out and "bits/weight" in out
@@ -120,6 +121,7 @@ def test_make_windows():
     make_windows([], context=8, bos_id=2)
 
 
+@pytest.mark.slow
 def test_evaluate_matches_direct_computation():
   """Perplexity / KL / agreement against a plain numpy computation over the same windows."""
   cfg, ref = load(fixture_dir("dense_keqv"), jnp.float32)

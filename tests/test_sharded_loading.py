@@ -105,6 +105,7 @@ def test_mesh_must_be_a_mesh():
     load(fixture_dir("e_style"), jnp.float32, mesh="2x4")
 
 
+@pytest.mark.slow
 def test_sharded_load_equals_unsharded_and_reads_owned_slices_once(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")

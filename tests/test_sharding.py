@@ -181,6 +181,7 @@ def test_generate_refuses_a_run_that_cannot_fit(monkeypatch):
   assert len(decode.generate(p, cfg, [[2, 5, 7]], 4).tokens[0]) == 4
 
 
+@pytest.mark.slow
 def test_check_fits_refuses_as_generate_does(monkeypatch):
   """memory.check_fits raises decode.check_memory's message; plan() and `gemma4 plan` agree."""
   from gemma.cli.scale import plan

@@ -52,6 +52,7 @@ def _rel(a, b):
   return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize("n,g,s", [(128, 1, 64), (512, 8, 48)])
 def test_scores_and_mix_match_reference(bits, n, g, s):
