@@ -15,6 +15,9 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import jax
+import jax.numpy as jnp
+
 from gemma.io.checkpoint import convert
 from gemma.io.formats.converted import save_converted
 from gemma.training import FinetuneConfig, load_trained, lora, run_model_config, train
@@ -59,7 +62,7 @@ def add_parsers(sub, presets, recipes) -> None:
 
 
 def finetune_config(args):
-
+  """The FinetuneConfig of --config with each given flag replacing one field."""
   base = load_config_file(args.config, FinetuneConfig) if args.config else None
   deltas = {k: getattr(args, k) for k in _FIELDS if getattr(args, k) is not None}
   if args.lora_targets:
@@ -75,7 +78,6 @@ def finetune_config(args):
 
 
 def cmd_finetune(args) -> int:
-
   cfg = finetune_config(args)
   summary = train(cfg, show_progress=not args.quiet)
   print(f"{summary['model']} ({cfg.mode}): loss {summary['loss_first']:.4f} -> "
@@ -86,10 +88,6 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_merge_lora(args) -> int:
-  import jax
-  import jax.numpy as jnp
-
-
   trained, run_cfg, meta = load_trained(args.adapters)
   dtype = jnp.dtype(args.dtype)
   if run_cfg.mode == "full":  # the trained weights are the whole model
