@@ -94,7 +94,8 @@ class Model:
   def _tokenizer_for(self, what: str):
     if self.tokenizer is None:
       raise ValueError(f"{self.path or self.name} has no tokenizer (tokenizer.model, "
-                       f"tokenizer.json or GGUF metadata): {what} needs one; pass token ids")
+                       f"tokenizer.json or GGUF metadata): {what} needs one; pass token ids "
+                       "(--prompt-ids)")
     return self.tokenizer
 
   def prompts(self, prompt) -> tuple[list[list[int]], bool]:
@@ -270,16 +271,16 @@ class Model:
 
   def save(self, out: str | Path, *, force: bool = False) -> Path:
     """Writes a converted checkpoint (loads with `gemma.load` like any other): params, config
-    (with the recipe when quantized), and the source's tokenizer and generation config."""
-    out = converted.save_converted(out, self.cfg, self.params, force=force, recipe=self.recipe)
-    if self.path is not None:
-      converted.copy_tokenizer(self.path, out)
-    return Path(out)
+    (with the recipe when quantized, and a CRC-32 per array), and the source's tokenizer and
+    generation config; atomically (an existing checkpoint at `out` needs `force`)."""
+    return converted.save_converted(out, self.cfg, self.params, force=force, recipe=self.recipe,
+                                    tokenizer_source=self.path)
 
 
 def load(path: str | Path, *, dtype=None, quant: Recipe | str | None = None,
          kv_quant: str | None = None, mesh: Mesh | str | None = None, ple_on_host: bool = False,
-         preset: str | None = None, float_dtype=None) -> Model:
+         preset: str | None = None, float_dtype=None, verify: bool = True,
+         require_tokenizer: bool = False) -> Model:
   """Loads any checkpoint (Hugging Face directory, .gguf file, official Orbax, converted).
 
   Args:
@@ -291,17 +292,28 @@ def load(path: str | Path, *, dtype=None, quant: Recipe | str | None = None,
     ple_on_host: keep the per-layer-embedding table in host memory during generation.
     preset: the config of an official Orbax checkpoint (default: inferred from its shapes).
     float_dtype: dtype of the leaves `quant` keeps in float (default `dtype`).
+    verify: check a converted checkpoint's arrays against their recorded CRC-32s.
+    require_tokenizer: refuse, before reading any weight, a checkpoint without a tokenizer.
   """
   dtype = default_dtype() if dtype is None else jnp.dtype(dtype)
   kv_quant = None if kv_quant is None else parse_kv_cache(kv_quant)
   if isinstance(mesh, str):
     mesh = sharding.make_mesh(mesh)
-  cfg, params = checkpoint.load(path, dtype, preset=preset, quant=quant,
-                                float_dtype=float_dtype, mesh=mesh)
   try:
     tokenizer = checkpoint.load_tokenizer(path)
   except FileNotFoundError:
+    if require_tokenizer:
+      raise ValueError(f"{path} has no tokenizer (tokenizer.model, tokenizer.json or GGUF "
+                       "metadata): a text prompt needs one; pass token ids (--prompt-ids)"
+                       ) from None
     tokenizer = None
+  if tokenizer is not None:  # before reading any weight
+    vocab = checkpoint.inspect(path, preset=preset)[1].vocab_size
+    if tokenizer.vocab_size > vocab:
+      raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} pieces, more than the "
+                       f"model's vocabulary of {vocab}: they do not belong together")
+  cfg, params = checkpoint.load(path, dtype, preset=preset, quant=quant,
+                                float_dtype=float_dtype, mesh=mesh, verify=verify)
   recipe = resolve(quant) if quant is not None else None
   if checkpoint.detect_format(path) == "converted":
     recipe = converted.read_recipe(path) or recipe

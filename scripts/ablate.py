@@ -43,6 +43,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from configs.experiment import Experiment, Plot, load_config, paper_bounds  # noqa: E402
+from gemma.io.atomic import atomic_file, check_target  # noqa: E402
 from gemma.io.formats.common import log  # noqa: E402
 
 Row = dict
@@ -271,7 +272,8 @@ def plot(exp: Experiment, spec: Plot, rows: list[Row], meta: dict, path: Path) -
   title = spec.title or f"{exp.name}: {spec.y}" + (f" vs {spec.x}" if spec.x else "")
   ax.set_title(f"{title}\n{sub}", fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with atomic_file(path, "wb") as f:  # a killed run never leaves half a PNG
+    fig.savefig(f, dpi=120, format="png")
   plt.close(fig)
 
 
@@ -325,7 +327,10 @@ def main(argv=None) -> int:
     exp = configure(load_config(args.config), args)
   except ValueError as e:
     ap.error(str(e))
-  out = Path(args.out)
+  try:  # appended to, never replaced: only a file in the way is refused
+    out = check_target(args.out, force=True, kind="results directory")
+  except ValueError as e:
+    ap.error(str(e))
   out.mkdir(parents=True, exist_ok=True)
   jsonl = out / "results.jsonl"
   if args.fresh and jsonl.exists():
@@ -343,8 +348,10 @@ def main(argv=None) -> int:
                deltas=dict(point.deltas), setting=_jsonable(exp.resolve(point)), **row,
                date=meta["date"])
     rows.append(row)
-    with jsonl.open("a", encoding="utf-8") as f:
+    with jsonl.open("a", encoding="utf-8") as f:  # one write per row, flushed to disk
       f.write(json.dumps(row, default=str) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
 
   log(f"experiment {exp.name} ({exp.kind}): {len(exp.points)} points -> {out}")
   if exp.kind == "eval":
@@ -356,7 +363,8 @@ def main(argv=None) -> int:
     run_finetune(exp, emit, meta)
   meta["seconds"] = time.perf_counter() - t_start
   table = markdown(exp, rows, meta)
-  (out / "results.md").write_text(table, encoding="utf-8")
+  with atomic_file(out / "results.md") as f:
+    f.write(table)
   pngs = []
   for spec in exp.plots or default_plots(exp.kind):
     plot(exp, spec, rows, meta, out / spec.filename)

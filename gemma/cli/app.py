@@ -36,6 +36,7 @@ Every command maps its flags onto `gemma.load` / `gemma.Model` (gemma/api.py) an
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from gemma.cli import common, quant, run, scale, train
@@ -47,6 +48,8 @@ from gemma.quant.recipes import RECIPES
 
 def _parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(prog="gemma4", description="Gemma 4 in JAX")
+  ap.add_argument("--debug", action="store_true",
+                  help="show the traceback of an error (also GEMMA_DEBUG=1)")
   sub = ap.add_subparsers(dest="command", required=True)
 
   gen = sub.add_parser("generate", help="generate tokens from a prompt")
@@ -111,13 +114,38 @@ COMMANDS = {"generate": run.cmd_generate, "logits": run.cmd_logits, "chat": run.
             "merge-lora": train.cmd_merge_lora, "plan": scale.cmd_plan}
 
 
+def _out_of_memory(e: BaseException) -> bool:
+  return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
+  """Runs one command. Expected failures print one line and exit 2 (bad input, unreadable or
+  unwritable paths, corrupt data, out of memory) or 130 (Ctrl-C); GEMMA_DEBUG=1 (or --debug)
+  shows the traceback instead."""
   args = _parser().parse_args(argv)
+  debug = args.debug or os.environ.get("GEMMA_DEBUG", "") not in ("", "0")
   try:
     distributed.initialize(args)  # before any JAX use; a no-op without the multi-host flags
     return COMMANDS[args.command](args)
-  except (CheckpointError, ValueError, FileNotFoundError) as e:
+  except BrokenPipeError:  # stdout closed early (e.g. `| head`): nothing to report
+    sys.stderr.close()
+    return 141
+  except KeyboardInterrupt:
+    if debug:
+      raise
+    print("\ngemma4: interrupted (nothing half-written was kept)", file=sys.stderr)
+    return 130
+  except (CheckpointError, ValueError, OSError, ArithmeticError) as e:
+    if debug:
+      raise
     print(f"gemma4: error: {e}", file=sys.stderr)
+    return 2
+  except Exception as e:
+    if debug or not _out_of_memory(e):
+      raise
+    print(f"gemma4: error: out of memory ({str(e).splitlines()[0][:200]}); lower the batch, "
+          "--max-new-tokens or --context, or use --quant / --kv-quant (see `gemma4 plan`)",
+          file=sys.stderr)
     return 2
 
 

@@ -32,6 +32,8 @@ def add_checkpoint(p, dtype_help="parameter/activation dtype (default: float32 o
   p.add_argument("--dtype", choices=DTYPES, default=None, help=dtype_help)
   p.add_argument("--preset", choices=list(PRESETS), default=None,
                  help="config of an official Orbax checkpoint (default: inferred)")
+  p.add_argument("--no-verify", dest="verify", action="store_false",
+                 help="skip the CRC-32 check of a converted checkpoint's arrays")
 
 
 def add_sampling(p, max_new_tokens: int | None = None) -> None:
@@ -91,11 +93,14 @@ def sampling_kwargs(args) -> dict:
               top_k=args.top_k or None, top_p=args.top_p)
 
 
-def load_model(args, quantize: bool = True, dtype=None) -> gemma.Model:
+def load_model(args, quantize: bool = True, dtype=None,
+               require_tokenizer: bool = False) -> gemma.Model:
   """`gemma.load` of --checkpoint with the flags that describe it: --dtype, --preset, --quant
   (unless `quantize` is False), --kv-quant, --mesh, --ple-on-host."""
   return gemma.load(args.checkpoint, dtype=dtype or args.dtype, preset=args.preset,
                     quant=getattr(args, "quant", None) if quantize else None,
                     kv_quant=getattr(args, "kv_quant", None),
                     mesh=getattr(args, "mesh", None) or None,
-                    ple_on_host=getattr(args, "ple_on_host", False))
+                    ple_on_host=getattr(args, "ple_on_host", False),
+                    verify=getattr(args, "verify", True),
+                    require_tokenizer=require_tokenizer)

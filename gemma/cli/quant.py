@@ -14,6 +14,8 @@ import gemma
 from gemma.api import is_quantized
 from gemma.cli import common
 from gemma.inference.evaluate import check_stride
+from gemma.io.atomic import check_target
+from gemma.io.formats.converted import is_converted
 from gemma.quant import allocate
 from gemma.quant.calibrate import Calibration
 from gemma.quant.footprint import size_report
@@ -85,9 +87,7 @@ def cmd_quantize(args) -> int:
   --calibrate round every weight with calibration statistics (and --target-bpw: per-tensor
   widths)."""
   recipe = get_recipe(args.recipe)
-  out = Path(args.out)
-  if (out / "params").exists() and not args.force:
-    raise ValueError(f"{out} already holds a checkpoint (pass --force to overwrite)")
+  out = check_target(args.out, args.force, replaceable=is_converted)  # before loading anything
   float_dtype = jnp.dtype(args.dtype or "bfloat16")
   t0 = time.perf_counter()
   if not args.calibrate:
@@ -95,14 +95,14 @@ def cmd_quantize(args) -> int:
       raise ValueError("--method and --target-bpw need --calibrate TEXT")
     # float32 source, each tensor quantized (or cast to --dtype) as soon as it is read
     model = gemma.load(args.checkpoint, dtype="float32", preset=args.preset, quant=recipe,
-                       float_dtype=float_dtype)
+                       float_dtype=float_dtype, verify=args.verify)
   else:  # every flag is checked before any weight loads
     calib = Calibration(method=args.method or "gptq", tokens=args.calib_tokens,
                         context=args.calib_context, damp=args.damp)
     if args.target_bpw is not None:
       allocate.check_target(args.target_bpw, allocate.candidates(recipe))
     text = _read_text(args.calibrate, "--calibrate")
-    model = gemma.load(args.checkpoint, dtype="float32", preset=args.preset)
+    model = gemma.load(args.checkpoint, dtype="float32", preset=args.preset, verify=args.verify)
     windows = len(model.text_ids(text)[:calib.tokens]) // (calib.context - 1)
     note = (f"{calib.method} on {Path(args.calibrate).name}: {windows} windows of "
             f"{calib.context} tokens, damp {calib.damp}")

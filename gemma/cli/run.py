@@ -17,6 +17,7 @@ from gemma.io.formats import converted
 from gemma.model.config import get_preset
 from gemma.model.params import abstract, count_breakdown
 from gemma.parallel import distributed
+from gemma.quant.footprint import size_report
 
 
 def _print_ids(ids: list[int]) -> None:
@@ -40,7 +41,7 @@ def cmd_generate(args) -> int:
   use_chat = args.chat or args.system is not None or args.thinking
   if use_chat and text is None:
     raise ValueError("--chat, --system and --thinking need --prompt TEXT or --prompt-file")
-  model = load_model(args)
+  model = load_model(args, require_tokenizer=text is not None)
   main_process = distributed.is_main_process()  # in a multi-host run only process 0 prints
   if use_chat:
     send = model.chat(system=args.system, thinking=args.thinking).send
@@ -71,7 +72,7 @@ def cmd_chat(args, stdin=None) -> int:
   --prompt-file); an empty line or EOF ends it. The session keeps its KV cache between turns."""
   kwargs = sampling_kwargs(args)
   first = prompt_text(args)
-  model = load_model(args)
+  model = load_model(args, require_tokenizer=True)
   session = model.chat(system=args.system, thinking=args.thinking)
   stdin = stdin or sys.stdin
   print(f"{model.name}: chat (empty line or Ctrl-D to quit)", file=sys.stderr)
@@ -90,8 +91,8 @@ def cmd_chat(args, stdin=None) -> int:
 
 
 def cmd_logits(args) -> int:
-  model = load_model(args)
   text = prompt_text(args)
+  model = load_model(args, require_tokenizer=text is not None)
   ids = model.encode(text) if text is not None else args.prompt_ids
   logits = model.logits(ids)  # every process takes part; process 0 writes
   if distributed.is_main_process():
@@ -110,6 +111,15 @@ def cmd_info(args) -> int:
     recipe = converted.read_recipe(path)
     how = "" if recipe is None or not recipe.calibration else f" ({recipe.calibration})"
     print(f"quantization: {'none (float)' if recipe is None else recipe.name + how}")
+    if recipe is not None:
+      report = size_report(converted.expected_tree(cfg, "bfloat16", recipe))
+      print("bits per weight by class: " + ", ".join(
+          f"{c} {8 * v['bytes'] / v['params']:.3f}" for c, v in report["classes"].items()))
+    print("checksums: " + ("CRC-32 per array, verified on load (--no-verify skips)"
+                           if converted.has_checksums(path) else
+                           "none recorded (written before checksums; not verified)"))
+  elif fmt == "gguf":
+    print("checksums: none in the format (non-finite values are still refused on load)")
   print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in count_breakdown(cfg).items()))
   for dtype in ("bfloat16", "float32"):
     n = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract(cfg, dtype)))

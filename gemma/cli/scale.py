@@ -30,6 +30,9 @@ def add_parsers(sub, presets, recipes) -> None:
   pl.add_argument("--quant", choices=list(recipes), default=None)
   pl.add_argument("--kv-quant", type=parse_kv_cache, default="bf16")
   pl.add_argument("--mesh", default="1x1", help="DxM (data x model) or DxMxE")
+  pl.add_argument("--devices", type=int, default=None,
+                  help="devices the run will have (default: the mesh's product); a mesh that "
+                  "needs another count is an error")
   pl.add_argument("--context", type=int, required=True, help="cache length in tokens")
   pl.add_argument("--batch", type=int, default=1)
   pl.add_argument("--device-memory", type=float, default=80.0, help="GiB per device (80)")
@@ -40,13 +43,18 @@ def add_parsers(sub, presets, recipes) -> None:
 
 def plan(preset: str, mesh: str, context: int, batch: int = 1, quant: str | None = None,
          kv_quant: str = "bf16", device_memory_gib: float = 80.0,
-         ple_on_host: bool = False) -> dict:
+         ple_on_host: bool = False, devices: int | None = None) -> dict:
   """Per-device weight and cache bytes of a run, and whether it fits. With `ple_on_host` the
-  per-layer-embedding table is host memory (`host_bytes`), not device memory."""
+  per-layer-embedding table is host memory (`host_bytes`), not device memory. `devices`: the
+  device count the run will have (default the mesh's); `replicated_axes` lists the weight axes
+  the mesh does not divide (kept whole on every device of that mesh axis)."""
   if context < 1 or batch < 1:
     raise ValueError(f"context and batch must be >= 1, got {context} and {batch}")
   cfg = get_preset(preset)
   sizes = sharding.mesh_axes(sharding.parse_mesh(mesh))
+  if devices is not None and devices != math.prod(sizes.values()):
+    raise ValueError(f"mesh {mesh} needs {math.prod(sizes.values())} devices, but --devices is "
+                     f"{devices}")
   if quant:
     weights = quantized_abstract(cfg, quant, jnp.bfloat16)
   else:
@@ -58,24 +66,28 @@ def plan(preset: str, mesh: str, context: int, batch: int = 1, quant: str | None
               devices=math.prod(sizes.values()), context=context,
               batch=batch, weight_bytes_per_device=w, cache_bytes_per_device=c,
               total_bytes_per_device=w + c, device_memory_bytes=int(limit), fits=w + c <= limit,
-              ple_on_host=ple_on_host, host_bytes=p.host_bytes)
+              ple_on_host=ple_on_host, host_bytes=p.host_bytes,
+              replicated_axes=sharding.undivided_axes(weights, sizes))
 
 
 def explain(p: dict) -> str:
   verdict = "fits" if p["fits"] else "does NOT fit"
   weights = p["weight_bytes_per_device"] / GIB
-  return (f"{p['preset']} [{p['quant']}, kv {p['kv_quant']}] on mesh {p['mesh']}, batch "
+  return (f"{p['preset']} [{p['quant']}, kv {p['kv_quant']}] on mesh {p['mesh']} "
+          f"({p['devices']} devices), batch "
           f"{p['batch']} x {p['context']} tokens: per device {weights:.2f}"
           f" GiB weights + {p['cache_bytes_per_device'] / GIB:.2f} GiB KV cache = "
           f"{p['total_bytes_per_device'] / GIB:.2f} GiB; {verdict} in "
           f"{p['device_memory_bytes'] / GIB:.0f} GiB (activations and XLA workspace not counted)"
           + (f"; PLE table in host memory: {p['host_bytes'] / GIB:.2f} GiB" if p["host_bytes"]
-             else ""))
+             else "")
+          + (f"\nreplicated (the mesh does not divide them): {'; '.join(p['replicated_axes'])}"
+             if p["replicated_axes"] else ""))
 
 
 def cmd_plan(args) -> int:
   p = plan(args.preset, args.mesh, args.context, args.batch, args.quant, args.kv_quant,
-           args.device_memory, args.ple_on_host)
+           args.device_memory, args.ple_on_host, args.devices)
   print(explain(p))
   if args.json:
     print(json.dumps(p))

@@ -18,8 +18,9 @@ import json
 import jax
 import jax.numpy as jnp
 
+from gemma.io.atomic import check_target
 from gemma.io.checkpoint import convert
-from gemma.io.formats.converted import save_converted
+from gemma.io.formats.converted import is_converted, save_converted
 from gemma.training import FinetuneConfig, load_trained, lora, run_model_config, train
 from gemma.training.config_file import load_config_file
 
@@ -88,6 +89,7 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_merge_lora(args) -> int:
+  check_target(args.out, args.force, replaceable=is_converted)  # before loading anything
   trained, run_cfg, meta = load_trained(args.adapters)
   dtype = jnp.dtype(args.dtype)
   if run_cfg.mode == "full":  # the trained weights are the whole model

@@ -35,6 +35,16 @@ from gemma.parallel import host_ple, memory, sharding
 MIN_BUCKET = 8
 GREEDY = Sampler()
 _sample = jax.jit(sample, static_argnames="sampler")
+_finite_rows = jax.jit(lambda logits: jnp.isfinite(logits).all(axis=-1))  # [B, V] -> [B] bool
+
+
+def _check_finite(logits: jax.Array, done: np.ndarray, step: int) -> None:
+  """Stops generation whose logits hold NaN or inf (a row still running), naming the step."""
+  bad = ~np.asarray(_finite_rows(logits)) & ~done
+  if bad.any():
+    raise FloatingPointError(
+        f"non-finite logits (NaN or inf) at generation step {step} (rows "
+        f"{np.flatnonzero(bad).tolist()}): the weights or the KV cache hold non-finite values")
 
 
 def bucket_length(n: int) -> int:
@@ -273,6 +283,7 @@ def stream(run: Runner, cache: KVCache, tokens: np.ndarray, positions: np.ndarra
 
   out: list[list[int]] = [[] for _ in range(b)]
   done = np.zeros(b, bool)
+  _check_finite(logits, done, 0)
   decode_s, steps = 0.0, 0
   for step in range(max_new_tokens):
     ids = np.asarray(next_ids)
@@ -284,10 +295,11 @@ def stream(run: Runner, cache: KVCache, tokens: np.ndarray, positions: np.ndarra
     if done.all() or step == max_new_tokens - 1:
       break
     t0 = time.perf_counter()
-    next_ids, _, cache = compiled_step(with_rows(params, ids[:, None]),
-                                       place(jnp.asarray(ids, jnp.int32)), cache,
-                                       place(jax.random.fold_in(key, step + 1)))
+    next_ids, logits, cache = compiled_step(with_rows(params, ids[:, None]),
+                                            place(jnp.asarray(ids, jnp.int32)), cache,
+                                            place(jax.random.fold_in(key, step + 1)))
     next_ids = jax.block_until_ready(next_ids)
+    _check_finite(logits, done, step + 1)
     if step > 0:  # step 0 warms up (first run of the executable)
       decode_s += time.perf_counter() - t0
       steps += 1

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma.inference.chat import TEMPLATES
+from gemma.io import atomic
 from gemma.io.formats import converted, gguf, hf, orbax_official
 from gemma.io.formats.common import CheckpointError, log
 from gemma.io.tokenizer import HFTokenizer, Tokenizer
@@ -68,7 +69,7 @@ def inspect(path: str | Path, preset: str | None = None) -> tuple[str, ModelConf
 
 def load(path: str | Path, dtype=jnp.bfloat16, cfg: ModelConfig | None = None,
          preset: str | None = None, quant=None, float_dtype=None,
-         mesh=None) -> tuple[ModelConfig, Params]:
+         mesh=None, verify: bool = True) -> tuple[ModelConfig, Params]:
   """Loads any supported checkpoint. Returns (config, params cast to `dtype`).
 
   `cfg` overrides the checkpoint's own config; `preset` names the config of an official Orbax
@@ -89,13 +90,16 @@ def load(path: str | Path, dtype=jnp.bfloat16, cfg: ModelConfig | None = None,
     orbax      every process restores whole leaves, then keeps its own slices
   With `quant`, weights are quantized after the sharded read (jitted on sharded arrays) and the
   result is placed with `gemma.parallel.sharding.shard_params` at the end.
+
+  Integrity: a converted checkpoint's arrays are checked against the CRC-32s recorded when it
+  was written (`verify=False` skips it; so does a mesh), and every format's tensors are checked
+  for non-finite values as they are read; either names the bad tensor (CheckpointError).
   """
   fmt = detect_format(path)
   if preset is not None and cfg is None:
     cfg = get_preset(preset)
   finish = None
   if quant is not None:
-
     recipe = resolve(quant)
     stored = converted.read_recipe(path) if fmt == "converted" else None
     if stored is not None and stored.name != recipe.name:
@@ -104,7 +108,8 @@ def load(path: str | Path, dtype=jnp.bfloat16, cfg: ModelConfig | None = None,
     finish = None if stored is not None else quantizer(recipe, float_dtype)
   loader = {"hf": hf.load, "gguf": gguf.load, "orbax": orbax_official.load,
             "converted": converted.load}[fmt]
-  cfg, params = loader(Path(path), dtype, cfg, finish=finish, mesh=mesh)
+  extra = {"verify_checksums": verify} if fmt == "converted" else {}
+  cfg, params = loader(Path(path), dtype, cfg, finish=finish, mesh=mesh, **extra)
   cfg = with_generation_eos(cfg, path)
   if mesh is not None and finish is not None:
     # quantize-on-load outputs land where XLA put them: move every leaf to its param_specs
@@ -128,6 +133,8 @@ def load_tokenizer(checkpoint: str | Path):
   """The tokenizer of a checkpoint: a GGUF file's metadata, else `tokenizer.model`, else
   `tokenizer.json` in the checkpoint directory (or that file itself)."""
   path = Path(checkpoint)
+  if not path.exists():
+    raise CheckpointError(f"checkpoint {path} does not exist")
   if path.is_file() and path.suffix == ".model":
     return Tokenizer.from_file(path)
   if path.is_file() and path.suffix == ".json" and path.name != "config.json":
@@ -154,7 +161,8 @@ def convert(src_path: str | Path, out_dir: str | Path, dtype, cfg: ModelConfig |
   edits the params before saving (e.g. folding in LoRA adapters); `load_dtype` (default `dtype`)
   is the dtype they are loaded and transformed in, before the cast to `dtype`.
   """
-  src, out = Path(src_path), Path(out_dir)
+  src = Path(src_path)
+  out = atomic.check_target(out_dir, force, replaceable=converted.is_converted)  # before loading
   t0 = time.perf_counter()
   log(f"loading {src} as {np.dtype(dtype).name}")
   cfg, params = load(src, load_dtype or dtype, cfg)
@@ -164,8 +172,8 @@ def convert(src_path: str | Path, out_dir: str | Path, dtype, cfg: ModelConfig |
     tokenizer_file = src / "tokenizer.model"
   t1 = time.perf_counter()
   log(f"loaded {cfg.name} in {t1 - t0:.1f} s; writing {out}")
-  converted.save_converted(out, cfg, params, tokenizer_file=tokenizer_file, force=force)
-  converted.copy_tokenizer(src, out)
+  converted.save_converted(out, cfg, params, tokenizer_file=tokenizer_file, force=force,
+                           tokenizer_source=src)
   size = sum(f.stat().st_size for f in (out / converted.PARAMS_DIR).rglob("*") if f.is_file())
   log(f"wrote {out} ({size / 1e9:.2f} GB) in {time.perf_counter() - t1:.1f} s")
   return out

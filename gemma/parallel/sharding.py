@@ -118,6 +118,19 @@ def partition_spec(axes, shape, sizes: dict[str, int]) -> PartitionSpec:
   return PartitionSpec(*out)
 
 
+def undivided_axes(tree, sizes: dict[str, int]) -> list[str]:
+  """Logical axes of the weights in `tree` that stay replicated because no mesh axis of their
+  rule divides them (e.g. "kv_heads 1 (model=8)"), one entry per (axis, size, mesh axes)."""
+  found = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_qarray)[0]:
+    name = path_name(path)
+    for axis, dim in zip(logical_axes(name, len(leaf.shape)), leaf.shape, strict=True):
+      tried = [m for m in RULES.get(axis, ()) if sizes.get(m, 1) > 1]
+      if tried and all(dim % sizes[m] for m in tried):
+        found[(axis, dim)] = f"{axis} {dim} ({', '.join(f'{m}={sizes[m]}' for m in tried)})"
+  return list(found.values())
+
+
 def _is_qarray(x) -> bool:
   return isinstance(x, QArray)
 

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from gemma.io.atomic import check_target
 from gemma.io.checkpoint import inspect, load, load_tokenizer
 from gemma.io.formats.common import progress
 from gemma.model.params import Params, abstract
@@ -177,9 +178,15 @@ def init_state(run: Run, tx) -> dict:
 
 # ---------------------------------------------------------------------------- checkpoints
 def checkpoint_manager(out: str | Path, cfg: FinetuneConfig):
+  """Orbax's manager of a run directory: each step's checkpoint is written under a temporary
+  name and renamed when complete, so a killed run resumes from the last complete step; the
+  temporary directories a killed run leaves are removed when the next run starts."""
   import orbax.checkpoint as ocp
 
-  options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True)
+  check_target(out, force=True, kind="run directory",
+               replaceable=lambda p: (Path(p) / "checkpoints").is_dir())
+  options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True,
+                                         cleanup_tmp_directories=True)
   return ocp.CheckpointManager(Path(out).absolute() / "checkpoints", options=options)
 
 

@@ -23,6 +23,7 @@ import sys
 from collections.abc import Callable, Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from gemma.model.config import ModelConfig
@@ -147,6 +148,14 @@ def place(a: np.ndarray, shape: tuple[int, ...], sharding, dtype) -> jax.Array:
   return from_slices(shape, sharding, lambda index: read_slice(a, index, dtype))
 
 
+def check_finite(name: str, a, source) -> None:
+  """Refuses a float tensor with NaN or inf values (a corrupt file: weights are always finite);
+  one reduction over the array, on whatever device holds it."""
+  if jnp.issubdtype(a.dtype, jnp.floating) and not bool(jnp.isfinite(a).all()):
+    raise CheckpointError(f"{source}: tensor {name} has non-finite values (NaN or inf) after "
+                          "loading: the file is corrupt")
+
+
 def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Loader]],
              mapper: Callable[[str], Mapped | Skip | None], dtype, source: str,
              finish: Finish | None = None, mesh=None) -> Params:
@@ -196,6 +205,7 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, Loader]],
         leaf = place(a, expected[target].shape, shardings[target], dtype)
       else:  # one host copy at most (jnp.asarray would make two of a numpy array)
         leaf = jax.device_put(host_array(a, dtype))
+      check_finite(f"{target} (from {name})", leaf, source)
       values[target] = finish(target, leaf) if finish else leaf
     del arr, out
   for reason, n in skipped.items():

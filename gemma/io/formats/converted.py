@@ -34,12 +34,16 @@ import json
 import shutil
 import types
 import typing
+import zlib
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
+import orbax.checkpoint as ocp
 
-from gemma.io.formats.common import CheckpointError, Finish, log, progress
+from gemma.io import atomic
+from gemma.io.formats.common import CheckpointError, Finish, check_finite, log, progress
 from gemma.io.formats.gguf import GGUFFile
 from gemma.io.tokenizer_gguf import model_proto_from_gguf
 from gemma.model.config import ModelConfig
@@ -144,43 +148,74 @@ def expected_tree(cfg: ModelConfig, dtype, recipe=None):
   """The abstract params a checkpoint of `cfg` (quantized by `recipe`, if any) restores into."""
   if recipe is None:
     return abstract(cfg, dtype)
-
   return quantized_abstract(cfg, recipe, dtype, float_dtype=dtype)
+
+
+def checksum(a) -> str:
+  """CRC-32 of an array's bytes as stored (hex)."""
+  return f"{zlib.crc32(np.ascontiguousarray(np.asarray(a)).view(np.uint8).ravel()):08x}"
 
 
 def save_converted(out_dir: str | Path, cfg: ModelConfig, params: Params,
                    tokenizer_file: str | Path | None = None, force: bool = False,
-                   recipe=None) -> Path:
+                   recipe=None, tokenizer_source: str | Path | None = None) -> Path:
   """Writes a converted checkpoint directory (see the module docstring). Returns its path.
 
   `recipe` (a `gemma.quant.Recipe`) marks `params` as quantized by it. Arrays are stored in
-  chunks of at most CHUNK_BYTES (for sharded loading; see `load`).
+  chunks of at most CHUNK_BYTES (for sharded loading; see `load`), with a CRC-32 per stored
+  array in the config file (`checksums`). The directory is written beside `out_dir` and moved
+  into place only when complete (`gemma.io.atomic`): an existing checkpoint there is refused
+  without `force`, and with it replaced only at that last step. `tokenizer_source`: a checkpoint
+  whose tokenizer and generation config are copied in too (`copy_tokenizer`).
   """
-  import orbax.checkpoint as ocp
-
-  out = Path(out_dir).absolute()
-  if (out / PARAMS_DIR).exists() and not force:
-    raise FileExistsError(f"{out / PARAMS_DIR} exists (pass force=True to overwrite)")
+  out = atomic.check_target(out_dir, force, replaceable=is_converted)
   want = expected_tree(cfg, "float32", recipe)
   if leaf_names(params) != leaf_names(want) or [x.shape for x in jax.tree.leaves(params)] != [
       x.shape for x in jax.tree.leaves(want)]:
     raise ValueError(f"params do not match config {cfg.name}")
-  out.mkdir(parents=True, exist_ok=True)
-  # Uncompressed: zstd saves ~20% of disk on bf16 weights but makes loading CPU-bound.
-  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
-  tree = _nested(leaf_names(params), jax.tree.leaves(params))
-  save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), tree)
-  checkpointer.save(out / PARAMS_DIR, args=ocp.args.PyTreeSave(tree, save_args=save_args),
-                    force=force)
+  names, leaves = leaf_names(params), jax.tree.leaves(params)
   meta = config_to_dict(cfg)
   if recipe is not None:
-
     meta["quant"] = recipe_to_dict(recipe)
-  (out / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-  if tokenizer_file is not None:
-    src = Path(tokenizer_file)
-    shutil.copyfile(src, out / ("tokenizer.model" if src.suffix == ".model" else src.name))
+  meta["checksums"] = {n: checksum(x) for n, x in zip(names, leaves, strict=True)}
+  with atomic.atomic_dir(out, force, replaceable=is_converted) as tmp:
+    # Uncompressed: zstd saves ~20% of disk on bf16 weights but makes loading CPU-bound.
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
+    tree = _nested(names, leaves)
+    save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), tree)
+    checkpointer.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(tree, save_args=save_args))
+    (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    if tokenizer_file is not None:
+      src = Path(tokenizer_file)
+      shutil.copyfile(src, tmp / ("tokenizer.model" if src.suffix == ".model" else src.name))
+    if tokenizer_source is not None:
+      copy_tokenizer(tokenizer_source, tmp)
   return out
+
+
+def verify(path: str | Path, flat: dict[str, Any], stored_dtypes: dict[str, Any]) -> None:
+  """Checks restored arrays against the checksums the checkpoint recorded, cast back to the
+  stored dtype (exact when they were read into the same or a wider float type; an array read
+  into a narrower one, e.g. float32 stored and bfloat16 asked for, cannot be checked and is
+  skipped). Raises CheckpointError naming every corrupt tensor. A checkpoint written before
+  checksums were recorded is not checked."""
+  sums = _read_meta(Path(path)).get("checksums")
+  if not sums:
+    return
+  bad = []
+  for n, a in flat.items():
+    stored = np.dtype(stored_dtypes[n])
+    if n not in sums or np.dtype(a.dtype).itemsize < stored.itemsize:
+      continue
+    if checksum(np.asarray(a).astype(stored)) != sums[n]:
+      bad.append(n)
+  if bad:
+    raise CheckpointError(f"{path}: checksum mismatch, the stored data of these tensors is "
+                          f"corrupt: {', '.join(bad)}")
+
+
+def has_checksums(path: str | Path) -> bool:
+  return bool(_read_meta(Path(path)).get("checksums"))
 
 
 def is_converted(path: str | Path) -> bool:
@@ -206,7 +241,6 @@ def read_recipe(path: str | Path):
   data = _read_meta(Path(path)).get("quant")
   if data is None:
     return None
-
   try:
     return recipe_from_dict(data)
   except ValueError as e:
@@ -214,7 +248,8 @@ def read_recipe(path: str | Path):
 
 
 def load(path: str | Path, dtype, cfg: ModelConfig | None = None,
-         finish: Finish | None = None, mesh=None) -> tuple[ModelConfig, Params]:
+         finish: Finish | None = None, mesh=None,
+         verify_checksums: bool = True) -> tuple[ModelConfig, Params]:
   """Loads a converted directory. Returns (config, params cast to dtype).
 
   Bit-exact when `dtype` is the saved dtype; a quantized checkpoint loads its QArrays as stored
@@ -222,10 +257,9 @@ def load(path: str | Path, dtype, cfg: ModelConfig | None = None,
   read. With a `mesh` (a `jax.sharding.Mesh`) each leaf is restored with its
   `gemma.parallel.sharding.param_specs` sharding, reading only the chunks that overlap the slices
   this process owns. Raises CheckpointError naming every missing, unexpected and mis-shaped
-  leaf, or the file that cannot be read.
+  leaf, or the file that cannot be read. `verify_checksums` checks every array against the CRC-32
+  recorded at write time (`verify`; skipped with a mesh, where no process holds whole arrays).
   """
-  import orbax.checkpoint as ocp
-
   path = Path(path)
   cfg = cfg or read_config(path)
   recipe = read_recipe(path)
@@ -258,26 +292,36 @@ def load(path: str | Path, dtype, cfg: ModelConfig | None = None,
     shardings = leaf_shardings(want, mesh)
   target = _nested(names, [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings[n])
                            for n, s in zip(names, want_leaves, strict=True)])
+  dtypes = {n: stored[n].dtype for n in names}
+
+  def check(flat: dict[str, Any]) -> None:
+    if verify_checksums and mesh is None:
+      verify(path, flat, dtypes)
+    for n, a in flat.items():
+      check_finite(n, a, path)
+
   try:
-    flat = _restore_by_group(root, target, finish) if finish else _flat(
+    flat = _restore_by_group(root, target, finish, check) if finish else _flat(
         checkpointer.restore(root, target))
   except Exception as e:
     raise CheckpointError(f"{root}: cannot restore params ({type(e).__name__}: {e})") from None
+  if not finish:
+    check(flat)
   return cfg, jax.tree.unflatten(jax.tree.structure(want), [flat[n] for n in names])
 
 
-def _restore_by_group(root: Path, target: dict, finish: Finish) -> dict[str, Any]:
+def _restore_by_group(root: Path, target: dict, finish: Finish, check=None) -> dict[str, Any]:
   """Restores one top-level group (embed, layers.N, ...) at a time, mapping each leaf through
-  `finish` before the next group is read."""
-  import orbax.checkpoint as ocp
-
+  `finish` (after `check` of the group's arrays) before the next group is read."""
   groups = [{key: value} for key, value in target.items() if key != "layers"]
   groups += [{"layers": {i: layer}} for i, layer in target.get("layers", {}).items()]
   checkpointer, out = ocp.PyTreeCheckpointer(), {}
   for done, part in enumerate(groups, 1):
     args = ocp.args.PyTreeRestore(item=part, partial_restore=True,
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(part))
-    for name, leaf in _flat(checkpointer.restore(root, args=args)).items():
+    group = _flat(checkpointer.restore(root, args=args))
+    check(group)
+    for name, leaf in group.items():
       out[name] = finish(name, leaf)
     progress(done, len(groups), "loading groups")
   return out
