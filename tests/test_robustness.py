@@ -349,3 +349,38 @@ def test_fixture_dir_unchanged_by_every_test_here():
   """The source fixtures are only ever read (every write above goes to tmp_path)."""
   assert sorted(os.listdir(FIXTURES + "/e_style")) == [
       "config.json", "generation_config.json", "model.safetensors", "reference.npz"]
+
+
+@pytest.mark.slow
+def test_finetune_killed_mid_run_resumes_from_the_last_complete_step(tmp_path):
+  """SIGKILL during a run (checkpoints every step): the run directory holds only complete
+  Orbax step checkpoints; the same command resumes from the last one and finishes."""
+  out = tmp_path / "run"
+  argv = [sys.executable, "-m", "gemma.cli.app", "finetune", "--config",
+          str(ROOT / "configs/finetune_tiny.py"), "--steps", "40", "--save-every", "1",
+          "--out", str(out)]
+  child = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+  seen = ""
+  while "step 8/" not in seen:  # the progress line of step 8 (one every 4 steps)
+    ch = child.stderr.read(1)
+    assert ch, "the run ended early:\n" + seen
+    seen += ch
+  child.kill()
+  child.wait(timeout=60)
+  done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "resuming" in done.stderr
+  summary = __import__("json").loads(done.stdout.strip().splitlines()[-1])
+  assert summary["steps"] == 40 and summary["resumed_from"] >= 7
+
+
+def test_atomic_file_keeps_the_old_file_on_failure(tmp_path):
+  path = tmp_path / "results.md"
+  path.write_text("old table")
+  with pytest.raises(RuntimeError), atomic.atomic_file(path) as f:
+    f.write("half a new ta")
+    raise RuntimeError("killed")
+  assert path.read_text() == "old table" and _leftovers(path) == []
+  with atomic.atomic_file(path) as f:
+    f.write("new table")
+  assert path.read_text() == "new table"

@@ -22,7 +22,8 @@
                   [--quant RECIPE] [--steps N] [--seed S] [--out DIR] ...   (gemma/cli/train.py)
   gemma4 merge-lora --checkpoint BASE --adapters RUN_DIR --out DIR [--dtype bfloat16]
   gemma4 plan     --preset P [--quant RECIPE] [--kv-quant KV] --mesh DxM --context T [--batch B]
-                  [--device-memory 80] [--ple-on-host] [--json]   (exit 3 if it does not fit)
+                  [--device-memory 80] [--ple-on-host] [--devices N] [--json]
+                  (exit 3 if it does not fit)
 
 RECIPE: tq4, tq3, tq2, tq-mixed (TurboQuant), int8, int4 (g128), nf4, bf16 (gemma.quant.recipes),
     and variants <tq2..tq5|nf4|int4>[-g64|-g32][-embed8].
@@ -31,6 +32,9 @@ KV: bf16, f32, or a TurboQuant KV cache tq2, tq2.5, tq3, tq3.5, tq4 (gemma.kv.qu
     newest N tokens too), e.g. tq3.5+s1+r128.
 generate --json reports kv_cache_bytes: the bytes of the cache actually allocated.
 Every command maps its flags onto `gemma.load` / `gemma.Model` (gemma/api.py) and prints.
+Commands that read a checkpoint take --no-verify (skip a converted checkpoint's CRC-32 check).
+Errors are one line, exit 2 (130 on Ctrl-C); `gemma4 --debug ...` or GEMMA_DEBUG=1 shows the
+traceback.
 """
 
 from __future__ import annotations
