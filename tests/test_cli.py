@@ -91,8 +91,8 @@ def test_interactive_chat_keeps_one_session(e_style_ckpt, capsys, monkeypatch):
   sessions = []
   original = run.load_model
 
-  def spy(args):
-    model = original(args)
+  def spy(args, **kw):
+    model = original(args, **kw)
     chat = model.chat
     model.chat = lambda **kw: sessions.append(chat(**kw)) or sessions[-1]
     return model
