@@ -64,6 +64,8 @@ class Model:
     or TurboQuant "tq2".."tq4"). mesh: the `jax.sharding.Mesh` params (and caches) live on.
   ple_on_host: the per-layer-embedding table stays in host memory during generation.
   recipe: the quantization recipe of the weights (None: float).
+  prefill_chunk: prompts (and chat turns) are prefilled in chunks of this many tokens against
+    the cache (None: each at once).
   """
 
   cfg: ModelConfig
@@ -75,6 +77,7 @@ class Model:
   mesh: Mesh | None = None
   ple_on_host: bool = False
   recipe: Recipe | None = None
+  prefill_chunk: int | None = None
   _runner: Runner | None = dataclasses.field(default=None, init=False, repr=False)
 
   @property
@@ -154,7 +157,7 @@ class Model:
     run = self.runner()
     cache = run.new_cache(b, max_length, self.kv_quant)
     steps = decode.stream(run, cache, tokens, positions, max_new_tokens, sampler, seed,
-                          self.stop_ids)
+                          self.stop_ids, self.prefill_chunk)
     finish = lambda value: completion(value[0], rows, self.tokenizer, self.stop_ids,  # noqa: E731
                                       batch)
     if stream:
@@ -167,7 +170,8 @@ class Model:
     template (Gemma 4 or Gemma 3) is the tokenizer's. Meaningful with instruction-tuned
     (`-it`) checkpoints."""
     return ChatSession(self.runner(), self._tokenizer_for("chat"), self.stop_ids, system=system,
-                       thinking=thinking, kv_quant=self.kv_quant, max_length=max_length)
+                       thinking=thinking, kv_quant=self.kv_quant, max_length=max_length,
+                       prefill_chunk=self.prefill_chunk)
 
   # ------------------------------------------------------------------------------ scoring
   def logits(self, ids) -> np.ndarray:
@@ -280,7 +284,7 @@ class Model:
 def load(path: str | Path, *, dtype=None, quant: Recipe | str | None = None,
          kv_quant: str | None = None, mesh: Mesh | str | None = None, ple_on_host: bool = False,
          preset: str | None = None, float_dtype=None, verify: bool = True,
-         require_tokenizer: bool = False) -> Model:
+         require_tokenizer: bool = False, prefill_chunk: int | None = None) -> Model:
   """Loads any checkpoint (Hugging Face directory, .gguf file, official Orbax, converted).
 
   Args:
@@ -294,7 +298,10 @@ def load(path: str | Path, *, dtype=None, quant: Recipe | str | None = None,
     float_dtype: dtype of the leaves `quant` keeps in float (default `dtype`).
     verify: check a converted checkpoint's arrays against their recorded CRC-32s.
     require_tokenizer: refuse, before reading any weight, a checkpoint without a tokenizer.
+    prefill_chunk: prefill prompts in chunks of this many tokens (None: at once).
   """
+  if prefill_chunk is not None and prefill_chunk < 1:
+    raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
   dtype = default_dtype() if dtype is None else jnp.dtype(dtype)
   kv_quant = None if kv_quant is None else parse_kv_cache(kv_quant)
   if isinstance(mesh, str):
@@ -318,4 +325,5 @@ def load(path: str | Path, *, dtype=None, quant: Recipe | str | None = None,
   if checkpoint.detect_format(path) == "converted":
     recipe = converted.read_recipe(path) or recipe
   return Model(cfg, params, tokenizer, checkpoint.stop_ids(path, cfg, tokenizer), path=str(path),
-               kv_quant=kv_quant, mesh=mesh, ple_on_host=ple_on_host, recipe=recipe)
+               kv_quant=kv_quant, mesh=mesh, ple_on_host=ple_on_host, recipe=recipe,
+               prefill_chunk=prefill_chunk)

@@ -106,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
                    "gemma.parallel.sharding (tensor parallel over model, FSDP over data)")
   for p in (gen, lg):  # multi-host: one command per host (docs/MULTIHOST.md)
     distributed.add_flags(p)
+  for p in (gen, ch):
+    common.add_prefill_chunk(p)
   for p in (gen, ch, lg):
     p.add_argument("--ple-on-host", action="store_true", help="keep the per-layer-embedding "
                    "table in host memory; send each step only its tokens' rows (E2B/E4B)")

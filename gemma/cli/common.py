@@ -56,6 +56,12 @@ def add_kv_quant(p) -> None:
                       "(default: the activation dtype)")
 
 
+def add_prefill_chunk(p) -> None:
+  p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                 help="prefill the prompt in chunks of N tokens against the KV cache (bounded "
+                 "attention buffers for long prompts; default: at once)")
+
+
 def add_chat(p) -> None:
   p.add_argument("--system", default=None, help="system prompt of the chat")
   p.add_argument("--thinking", action="store_true", help="Gemma 4 thinking mode")
@@ -103,4 +109,5 @@ def load_model(args, quantize: bool = True, dtype=None,
                     mesh=getattr(args, "mesh", None) or None,
                     ple_on_host=getattr(args, "ple_on_host", False),
                     verify=getattr(args, "verify", True),
-                    require_tokenizer=require_tokenizer)
+                    require_tokenizer=require_tokenizer,
+                    prefill_chunk=getattr(args, "prefill_chunk", None))

@@ -256,27 +256,41 @@ def runner(params: Params, cfg: ModelConfig, mesh: Mesh | None = None,
 
 def stream(run: Runner, cache: KVCache, tokens: np.ndarray, positions: np.ndarray,
            max_new_tokens: int, sampler: Sampler = GREEDY, seed: int = 0,
-           eos_ids: Sequence[int] | None = None):
-  """Prefills a [B, T] chunk onto `cache` and decodes: a generator of each step's new ids
+           eos_ids: Sequence[int] | None = None, prefill_chunk: int | None = None):
+  """Prefills [B, T] tokens onto `cache` and decodes: a generator of each step's new ids
   (list[int], one per row) whose return value is (Generation, cache).
 
-  The returned cache holds the chunk and every generated token but the last one of each row
-  (sampled, not yet fed back): a chat session prefills it with the next turn.
+  `prefill_chunk` (default: the whole prompt at once) prefills the prompt in chunks of that many
+  columns, each attending to the cache before it and to itself: compiled once per chunk size
+  (and once for the tail), with attention buffers of one chunk against the cache instead of the
+  whole prompt against itself. The returned cache holds the prompt and every generated token
+  but the last one of each row (sampled, not yet fed back): a chat session prefills it with the
+  next turn.
   """
   cfg, params, place, with_rows = run.cfg, run.params, run.place, run.with_rows
-  b = tokens.shape[0]
+  b, t = tokens.shape
+  chunk = t if prefill_chunk is None else prefill_chunk
+  if chunk < 1:
+    raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
   stop = np.asarray(sorted(set(cfg.eos_ids if eos_ids is None else eos_ids)), np.int32)
   key = place(jax.random.key(seed))
-  inputs = bucket_inputs(cfg, tokens, positions)
-  args = (with_rows(params, inputs[0]), *map(place, inputs), cache)
+  chunks = []  # (params with PLE rows, tokens, positions, num_columns) per chunk
+  for i in range(0, t, chunk):
+    inputs = bucket_inputs(cfg, tokens[:, i:i + chunk], positions[:, i:i + chunk])
+    chunks.append((with_rows(params, inputs[0]), *map(place, inputs)))
   t0 = time.perf_counter()
-  compiled = _compiled_prefill(cfg, *_signature(args))
+  compiled = {}  # one executable per chunk signature (a full chunk and the tail's bucket)
+  for args in chunks:
+    sig = _signature((*args, cache))
+    if sig not in compiled:
+      compiled[sig] = _compiled_prefill(cfg, *sig)
   step_args = (with_rows(params, np.zeros((b, 1), np.int32)), place(jnp.zeros((b,), jnp.int32)),
                cache, key)
   compiled_step = _compiled_decode(cfg, sampler, *_signature(step_args))
   compile_s = time.perf_counter() - t0
   t0 = time.perf_counter()
-  logits, cache = compiled(*args)
+  for args in chunks:
+    logits, cache = compiled[_signature((*args, cache))](*args, cache)
   # the first token is sampled from the prefill logits
   next_ids = jax.block_until_ready(_sample(logits, jax.random.fold_in(key, 0), sampler))
   prefill_s = time.perf_counter() - t0
@@ -326,7 +340,7 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
              max_length: int | None = None, eos_ids: Sequence[int] | None = None,
              on_token: Callable[[list[int]], None] | None = None,
              kv_quant: str | None = None, mesh: Mesh | None = None,
-             ple_on_host: bool = False) -> Generation:
+             ple_on_host: bool = False, prefill_chunk: int | None = None) -> Generation:
   """Generates up to `max_new_tokens` per prompt; a row stops at its first EOS id.
 
   Args:
@@ -340,6 +354,7 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
       are sharded over it (tensor parallel on `model`, rows / FSDP on `data`).
     ple_on_host: keep the per-layer-embedding table in host memory and send each step only its
       tokens' rows (`gemma.parallel.host_ple`).
+    prefill_chunk: prefill the prompt in chunks of this many tokens (`stream`); None: at once.
   """
   tokens, positions = left_pad(prompts, cfg.pad_id)
   b, t = tokens.shape
@@ -347,6 +362,6 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
   check_capacity(cfg, t, max_new_tokens, max_length)
   run = runner(params, cfg, mesh, ple_on_host)
   cache = run.new_cache(b, max_length, kv_quant)
-  result, _ = drain(stream(run, cache, tokens, positions, max_new_tokens, sampler, seed, eos_ids),
-                    on_token)
+  result, _ = drain(stream(run, cache, tokens, positions, max_new_tokens, sampler, seed, eos_ids,
+                           prefill_chunk), on_token)
   return result

@@ -35,10 +35,11 @@ class ChatSession:
 
   def __init__(self, run: Runner, tokenizer, stop_ids, *, system: str | None = None,
                thinking: bool = False, kv_quant: str | None = None,
-               max_length: int | None = None):
+               max_length: int | None = None, prefill_chunk: int | None = None):
     self.run, self.tokenizer, self.stop_ids = run, tokenizer, tuple(stop_ids)
     self.template = chat.template_for(tokenizer)
     self.system, self.thinking, self.kv_quant = system, thinking, kv_quant
+    self.prefill_chunk = prefill_chunk
     self.max_length = max_length or run.cfg.max_position_embeddings
     if self.max_length > run.cfg.max_position_embeddings:
       raise ValueError(f"max_length {self.max_length} exceeds the model context "
@@ -92,7 +93,8 @@ class ChatSession:
     tokens = np.asarray([chunk], np.int32)
     positions = np.arange(start, start + len(chunk), dtype=np.int32)[None]
     steps = decode.stream(self.run, self._cache, tokens, positions, max_new_tokens, sampler,
-                   self._turns if seed is None else seed, self.stop_ids)
+                          self._turns if seed is None else seed, self.stop_ids,
+                          self.prefill_chunk)
     self._cache = None  # donated to the steps; the finished turn hands back the new one
 
     def finish(value) -> Completion:

@@ -502,9 +502,11 @@ def update_and_view(cache: QuantLayerCache, codec: Codec, k: jax.Array, v: jax.A
                     q: jax.Array | None = None):
   """Quantizes this call's K/V [B, T, K, H], stores them, returns (QuantView, new cache).
 
-  The first call (start == 0) fixes, per row and KV head, the mean vectors (centering) and the
-  outlier channels from its valid tokens. Every query attends to quantized keys
-  and values, its own column's included, so a prefill equals the same tokens decoded one by one.
+  A row's first call (no key of it stored yet: the first prefill chunk that holds its tokens)
+  fixes, per row and KV head, the mean vectors (centering), the key scaling and the outlier
+  channels from its valid tokens; with a prompt prefilled in chunks, from the first chunk only.
+  Every query attends to quantized keys and values, its own column's included, so a prefill
+  equals the same tokens decoded one by one.
   `write(old_leaves, new_leaves, start, num_columns)` scatters slot-major leaves. q: this call's
   queries [B, T, K, G, H] (for query scaling; None keeps the cache's scale).
   """
@@ -516,7 +518,8 @@ def update_and_view(cache: QuantLayerCache, codec: Codec, k: jax.Array, v: jax.A
     sink = store_sink(cache.sink, k, v, positions, num_columns)
     sink_view = FloatView(sink.k, sink.v, sink.pos)
   valid = (positions >= 0) & (jnp.arange(k.shape[1])[None, :] < num_columns)
-  first = start == 0
+  # [B, 1, 1]: rows with nothing stored yet (every call of a left-padded row's padding counts)
+  first = jnp.all(cache.pos < 0, axis=1)[:, None, None]
   k_mean, v_mean = cache.k_mean, cache.v_mean
   if spec.center:
     k_mean = jnp.where(first, token_mean(k, valid), k_mean)
