@@ -6,8 +6,10 @@ import shutil
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from gemma.inference import decode  # noqa: E402
 from gemma.model import config as C  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -54,3 +56,14 @@ def tiny_cfg(request):
 
 def fixture_dir(name: str) -> str:
   return os.path.join(FIXTURES, name)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Frees each test file's compiled XLA programs when the file ends. A test worker runs
+  hundreds of tests in one process; without this it keeps every executable (and its memory
+  mappings) to the end, and late compilations in a long worker crashed in XLA."""
+  yield
+  decode._compiled_prefill.cache_clear()
+  decode._compiled_decode.cache_clear()
+  jax.clear_caches()
