@@ -28,7 +28,8 @@ def _one(checkpoint: str, ids: list[int], chunk: int | None) -> dict:
   # a fresh child per run: RUSAGE_CHILDREN of this probe is that run's peak alone
   probe = [sys.executable, "-c",
            "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], "
-           "capture_output=True, text=True); print(r.stdout[-4000:]); print(r.stderr[-800:], "
+           "capture_output=True, text=True); lines = r.stdout.strip().splitlines(); "
+           "print(lines[-1] if lines else ''); print(r.stderr[-800:], "
            "file=sys.stderr); print('RSS', resource.getrusage(resource.RUSAGE_CHILDREN)"
            ".ru_maxrss); sys.exit(r.returncode)", *cmd]
   out = subprocess.run(probe, capture_output=True, text=True, cwd=ROOT)
