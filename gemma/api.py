@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gemma.inference import decode
-from gemma.inference.decode import Runner, check_capacity, drain, left_pad, runner
+from gemma.inference.decode import Runner, drain, runner
 from gemma.inference.evaluate import EvalResult, check_stride, evaluate
 from gemma.inference.sampling import Sampler
 from gemma.inference.session import ChatSession
@@ -150,14 +150,8 @@ class Model:
     sampler = Sampler.of(temperature, top_k, top_p)
     if stream and (batch or self.tokenizer is None):
       raise ValueError("stream=True takes one prompt and a model with a tokenizer")
-    tokens, positions = left_pad(rows, self.cfg.pad_id)
-    b, t = tokens.shape
-    max_length = max_length or t + max_new_tokens
-    check_capacity(self.cfg, t, max_new_tokens, max_length)
-    run = self.runner()
-    cache = run.new_cache(b, max_length, self.kv_quant)
-    steps = decode.stream(run, cache, tokens, positions, max_new_tokens, sampler, seed,
-                          self.stop_ids, self.prefill_chunk)
+    steps = decode.prompt_steps(self.runner(), rows, max_new_tokens, sampler, seed, max_length,
+                                self.stop_ids, self.kv_quant, self.prefill_chunk)
     finish = lambda value: completion(value[0], rows, self.tokenizer, self.stop_ids,  # noqa: E731
                                       batch)
     if stream:
@@ -324,6 +318,6 @@ def load(path: str | Path, *, dtype=None, quant: Recipe | str | None = None,
   recipe = resolve(quant) if quant is not None else None
   if checkpoint.detect_format(path) == "converted":
     recipe = converted.read_recipe(path) or recipe
-  return Model(cfg, params, tokenizer, checkpoint.stop_ids(path, cfg, tokenizer), path=str(path),
+  return Model(cfg, params, tokenizer, checkpoint.stop_ids(cfg, tokenizer), path=str(path),
                kv_quant=kv_quant, mesh=mesh, ple_on_host=ple_on_host, recipe=recipe,
                prefill_chunk=prefill_chunk)

@@ -103,11 +103,12 @@ def cmd_quantize(args) -> int:
       allocate.check_target(args.target_bpw, allocate.candidates(recipe))
     text = _read_text(args.calibrate, "--calibrate")
     model = gemma.load(args.checkpoint, dtype="float32", preset=args.preset, verify=args.verify)
-    windows = len(model.text_ids(text)[:calib.tokens]) // (calib.context - 1)
+    ids = model.text_ids(text)
+    windows = len(ids[:calib.tokens]) // (calib.context - 1)
     note = (f"{calib.method} on {Path(args.calibrate).name}: {windows} windows of "
             f"{calib.context} tokens, damp {calib.damp}")
     model = model.quantize(
-        dataclasses.replace(recipe, calibration=note), calibrate_on=text, calibration=calib,
+        dataclasses.replace(recipe, calibration=note), calibrate_on=ids, calibration=calib,
         target_bpw=args.target_bpw, float_dtype=float_dtype,
         on_widths=lambda r: print(f"widths chosen for {args.target_bpw} bits/weight:\n"
                                   f"{allocate.widths_table(r)}"))

@@ -123,6 +123,10 @@ def chat_prompt(tokenizer, messages: Sequence[Message], thinking: bool = False) 
 
 
 def stop_ids(tokenizer) -> tuple[int, ...]:
-  """Ids generation stops on in chat: <eos> and the end-of-turn marker."""
-  end = tokenizer.piece_to_id(template_for(tokenizer).stop)
+  """Ids generation stops on in chat: <eos> and the end-of-turn marker of the tokenizer's
+  template (only <eos> for a vocabulary without chat markers)."""
+  try:
+    end = tokenizer.piece_to_id(template_for(tokenizer).stop)
+  except ValueError:
+    end = None
   return tuple(i for i in (tokenizer.eos_id, end) if i is not None)

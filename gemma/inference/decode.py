@@ -356,12 +356,22 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
       tokens' rows (`gemma.parallel.host_ple`).
     prefill_chunk: prefill the prompt in chunks of this many tokens (`stream`); None: at once.
   """
-  tokens, positions = left_pad(prompts, cfg.pad_id)
+  run = runner(params, cfg, mesh, ple_on_host)
+  steps = prompt_steps(run, prompts, max_new_tokens, sampler, seed, max_length, eos_ids,
+                       kv_quant, prefill_chunk)
+  return drain(steps, on_token)[0]
+
+
+def prompt_steps(run: Runner, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 sampler: Sampler = GREEDY, seed: int = 0, max_length: int | None = None,
+                 eos_ids: Sequence[int] | None = None, kv_quant=None,
+                 prefill_chunk: int | None = None):
+  """The `stream` generator of prompts (left-padded) on a fresh cache of `max_length` columns
+  (default prompt + max_new_tokens; checked before any compute)."""
+  tokens, positions = left_pad(prompts, run.cfg.pad_id)
   b, t = tokens.shape
   max_length = max_length or t + max_new_tokens
-  check_capacity(cfg, t, max_new_tokens, max_length)
-  run = runner(params, cfg, mesh, ple_on_host)
+  check_capacity(run.cfg, t, max_new_tokens, max_length)
   cache = run.new_cache(b, max_length, kv_quant)
-  result, _ = drain(stream(run, cache, tokens, positions, max_new_tokens, sampler, seed, eos_ids,
-                           prefill_chunk), on_token)
-  return result
+  return stream(run, cache, tokens, positions, max_new_tokens, sampler, seed, eos_ids,
+                prefill_chunk)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma.inference.chat import TEMPLATES
+from gemma.inference import chat
 from gemma.io import atomic
 from gemma.io.formats import converted, gguf, hf, orbax_official
 from gemma.io.formats.common import CheckpointError, log
@@ -192,13 +192,11 @@ def with_generation_eos(cfg: ModelConfig, path: str | Path) -> ModelConfig:
   return dataclasses.replace(cfg, eos_ids=tuple(sorted({*cfg.eos_ids, *eos})))
 
 
-def stop_ids(path: str | Path, cfg: ModelConfig, tokenizer=None) -> tuple[int, ...]:
-  """Every id generation stops on, resolved once for any format: the config's EOS ids (GGUF:
-  EOS, EOT and end-of-turn from its metadata; a directory's `generation_config.json`, merged by
+def stop_ids(cfg: ModelConfig, tokenizer=None) -> tuple[int, ...]:
+  """Every id generation stops on, for a config as `load` returns it: its EOS ids (GGUF: EOS,
+  EOT and end-of-turn from the metadata; a directory's `generation_config.json`, merged by
   `load`), the tokenizer's <eos>, and its chat template's end-of-turn marker."""
-  ids = set(with_generation_eos(cfg, path).eos_ids)
+  ids = set(cfg.eos_ids)
   if tokenizer is not None:
-    ids.add(tokenizer.eos_id)
-    ids.update(i for i in (tokenizer.piece_to_id(t.end) for t in TEMPLATES.values())
-               if i is not None)
+    ids.update(chat.stop_ids(tokenizer))
   return tuple(sorted(int(i) for i in ids if i is not None))

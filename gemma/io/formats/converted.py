@@ -168,7 +168,6 @@ def save_converted(out_dir: str | Path, cfg: ModelConfig, params: Params,
   without `force`, and with it replaced only at that last step. `tokenizer_source`: a checkpoint
   whose tokenizer and generation config are copied in too (`copy_tokenizer`).
   """
-  out = atomic.check_target(out_dir, force, replaceable=is_converted)
   want = expected_tree(cfg, "float32", recipe)
   if leaf_names(params) != leaf_names(want) or [x.shape for x in jax.tree.leaves(params)] != [
       x.shape for x in jax.tree.leaves(want)]:
@@ -178,7 +177,7 @@ def save_converted(out_dir: str | Path, cfg: ModelConfig, params: Params,
   if recipe is not None:
     meta["quant"] = recipe_to_dict(recipe)
   meta["checksums"] = {n: checksum(x) for n, x in zip(names, leaves, strict=True)}
-  with atomic.atomic_dir(out, force, replaceable=is_converted) as tmp:
+  with atomic.atomic_dir(out_dir, force, replaceable=is_converted) as tmp:
     # Uncompressed: zstd saves ~20% of disk on bf16 weights but makes loading CPU-bound.
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
     tree = _nested(names, leaves)
@@ -190,16 +189,16 @@ def save_converted(out_dir: str | Path, cfg: ModelConfig, params: Params,
       shutil.copyfile(src, tmp / ("tokenizer.model" if src.suffix == ".model" else src.name))
     if tokenizer_source is not None:
       copy_tokenizer(tokenizer_source, tmp)
-  return out
+  return Path(out_dir).absolute()
 
 
-def verify(path: str | Path, flat: dict[str, Any], stored_dtypes: dict[str, Any]) -> None:
+def verify(path: str | Path, flat: dict[str, Any], stored_dtypes: dict[str, Any],
+           sums: dict[str, str] | None) -> None:
   """Checks restored arrays against the checksums the checkpoint recorded, cast back to the
   stored dtype (exact when they were read into the same or a wider float type; an array read
   into a narrower one, e.g. float32 stored and bfloat16 asked for, cannot be checked and is
   skipped). Raises CheckpointError naming every corrupt tensor. A checkpoint written before
-  checksums were recorded is not checked."""
-  sums = _read_meta(Path(path)).get("checksums")
+  checksums were recorded (`sums` None or empty) is not checked."""
   if not sums:
     return
   bad = []
@@ -293,10 +292,10 @@ def load(path: str | Path, dtype, cfg: ModelConfig | None = None,
   target = _nested(names, [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings[n])
                            for n, s in zip(names, want_leaves, strict=True)])
   dtypes = {n: stored[n].dtype for n in names}
+  sums = _read_meta(path).get("checksums") if verify_checksums and mesh is None else None
 
   def check(flat: dict[str, Any]) -> None:
-    if verify_checksums and mesh is None:
-      verify(path, flat, dtypes)
+    verify(path, flat, dtypes, sums)
     for n, a in flat.items():
       check_finite(n, a, path)
 
