@@ -6,6 +6,7 @@ imports nothing from `gemma/`.
 
   codebook_matmul.py   y = x @ (scale ⊙ table[packed b-bit codes]), decode and prefill tilings
   tq_attention.py      decode attention over a TurboQuant KV cache: scores and value mix on codes
+  flash_attention.py   memory-efficient float attention (online softmax over blocks), with backward
   registry.py          impl choice (Pallas on GPU, XLA elsewhere), NotImplementedError fall-through
   export_check.py      CUDA lowering on a CPU-only machine (abstract H100), for CI
 """

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import jax
 
 from pallas_kernels import codebook_matmul as _cm
+from pallas_kernels import flash_attention as _fa
 from pallas_kernels import tq_attention as _tqa
 
 IMPLS = ("pallas", "interpret", "xla")
@@ -27,6 +28,7 @@ _KERNELS: dict[str, dict[str, Callable]] = {
     "codebook_matmul": {"pallas": _cm.codebook_matmul, "xla": _cm.codebook_matmul_reference},
     "tq_scores": {"pallas": _tqa.tq_scores, "xla": _tqa.tq_scores_reference},
     "tq_mix": {"pallas": _tqa.tq_mix, "xla": _tqa.tq_mix_reference},
+    "flash_attention": {"pallas": _fa.flash_attention, "xla": _fa.flash_attention_reference},
 }
 _default: list[str | None] = [os.environ.get("GEMMA_KERNEL_IMPL") or None]
 _seen: dict[tuple[str, str], str] = {}

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma.kv.view import FloatKV, FloatView, causal_mask, update_float
+from gemma.kv.view import FloatKV, FloatView, attend_query_blocks, causal_mask, update_float
 from gemma.model.params import pytree_dataclass
 from gemma.quant import codebook
 from gemma.quant.rotation import gaussian_np, haar_np
@@ -461,6 +461,17 @@ class QuantView:
       mass = jnp.transpose(jnp.sum(probs, axis=-1), (0, 3, 1, 2))[..., None]
       out = out + mass * self.v_mean[:, None, :, None, :]
     return out + exact_out
+
+  def attend_blocks(self, q: jax.Array, q_pos: jax.Array, *, window: int | None, scale: float,
+                    cap: float | None, block: int, dense) -> jax.Array:
+    """`dense(q, q_pos)` (scores on the codes, softmax, mix) over blocks of queries sized so the
+    score buffer stays under 64·block² floats: linear in the context, codes never dequantized.
+    q: [B, T, K, G, H] -> [B, T, K, G, H]."""
+    del window, scale, cap
+    b, _, kh, g, _ = q.shape
+    keys = self.pos.shape[1] + sum(v.pos.shape[1] for v in (self.recent, self.sink)
+                                   if v is not None)
+    return attend_query_blocks(dense, q, q_pos, 64 * block ** 2 // (b * kh * g * keys))
 
   def dequantized(self):
     """(k̃, ṽ) [B, S, K, H] float32: the reference the attention on codes must match."""

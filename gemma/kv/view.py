@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from gemma.model.params import pytree_dataclass
+from pallas_kernels import registry
 
 
 def causal_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
@@ -61,6 +62,31 @@ class FloatView:
     """probs: [B, K, G, T, S] float32 -> [B, T, K, G, H] float32."""
     return jnp.einsum("bkgts,bskh->btkgh", probs.astype(self.v.dtype), self.v,
                       preferred_element_type=jnp.float32)
+
+  def attend_blocks(self, q: jax.Array, q_pos: jax.Array, *, window: int | None, scale: float,
+                    cap: float | None, block: int, dense) -> jax.Array:
+    """Attention without the [T, S] scores: flash attention over blocks of `block` queries and
+    keys (the Pallas kernel on a GPU). q: [B, T, K, G, H] -> [B, T, K, G, H] float32; query
+    rows that see no key (padding) get 0."""
+    del dense
+    return registry.call("flash_attention", q, self.k, self.v, q_pos, self.pos, scale=scale,
+                         window=window, cap=cap, block_q=block, block_k=block)
+
+
+def attend_query_blocks(dense, q: jax.Array, q_pos: jax.Array, queries_per_block: int):
+  """`dense(q_block, q_pos_block)` over blocks of queries, one after the other (`lax.map`): the
+  score buffer is [B, K, G, queries_per_block, S] at a time. q: [B, T, K, G, H]; returns
+  [B, T, K, G, H]."""
+  b, t = q_pos.shape
+  bq = max(1, min(queries_per_block, t))
+  extra = -t % bq
+  q = jnp.pad(q, [(0, 0), (0, extra)] + [(0, 0)] * (q.ndim - 2))
+  q_pos = jnp.pad(q_pos, [(0, 0), (0, extra)], constant_values=-1)
+  n = q.shape[1] // bq
+  # [n, B, bq, ...]
+  blocks = lambda x: jnp.moveaxis(x.reshape(b, n, bq, *x.shape[2:]), 1, 0)  # noqa: E731
+  out = jax.lax.map(lambda a: dense(*a), (blocks(q), blocks(q_pos)))
+  return jnp.moveaxis(out, 0, 1).reshape(b, n * bq, *out.shape[3:])[:, :t]
 
 
 def scatter(old, new, start: jax.Array, num_columns: jax.Array):

@@ -16,7 +16,7 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def attend(q: jax.Array, view: KVView, q_pos: jax.Array, *, window: int | None, scale: float,
-           cap: float | None = None) -> jax.Array:
+           cap: float | None = None, blockwise: bool = False, block: int = 512) -> jax.Array:
   """Masked grouped-query attention with an f32 softmax.
 
   Args:
@@ -25,6 +25,9 @@ def attend(q: jax.Array, view: KVView, q_pos: jax.Array, *, window: int | None, 
       head).
     q_pos: [B, T] absolute positions.
     window: sliding window including self (key kept iff 0 <= q_pos - k_pos < window), or None.
+    blockwise: never build the [T, S] scores (`view.attend_blocks`: flash attention over float
+      keys, query blocks over TurboQuant codes), in blocks of `block`; query rows that see no
+      key (padding) then get 0 instead of an average of values.
   Returns:
     [B, T, N, H]
   """
@@ -32,14 +35,22 @@ def attend(q: jax.Array, view: KVView, q_pos: jax.Array, *, window: int | None, 
   kh = view.kv_heads
   # [B, T, K, G, H]
   qg = q.reshape(b, t, kh, n // kh, h)
-  # [B, K, G, T, S]
-  logits = softcap(view.scores(qg) * scale, cap)
-  # [B, T, S]
-  mask = view.visible(q_pos, window)
-  logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)
-  probs = jax.nn.softmax(logits, axis=-1)
-  # [B, T, K, G, H]
-  out = view.mix(probs)
+
+  def dense(qg, q_pos):
+    # [B, K, G, T, S]
+    logits = softcap(view.scores(qg) * scale, cap)
+    # [B, T, S]
+    mask = view.visible(q_pos, window)
+    logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1)
+    # [B, T, K, G, H]
+    return view.mix(probs)
+
+  if blockwise:
+    out = view.attend_blocks(qg, q_pos, window=window, scale=scale, cap=cap, block=block,
+                             dense=dense)
+  else:
+    out = dense(qg, q_pos)
   return out.reshape(b, t, n, h).astype(q.dtype)
 
 
@@ -76,5 +87,6 @@ def attention(p: Attention, x: jax.Array, positions: jax.Array, spec: LayerSpec,
     view, new_cache = kv_cache.update_and_view(cache, codec, k, v, positions, start,
                                                num_columns, q.reshape(b, t, kh, n // kh, h))
   out = attend(q, view, positions, window=spec.window, scale=cfg.attn_scale,
-               cap=cfg.attn_softcap)
+               cap=cfg.attn_softcap, block=cfg.attention_block,
+               blockwise=cfg.attends_blockwise(q.shape[1], view.pos.shape[1]))
   return einsum("btnh,nhd->btd", out, p.o), view, new_cache

@@ -59,6 +59,9 @@ class LayerSpec:
     return self.kv_source != self.index
 
 
+ATTENTION_IMPLS = ("auto", "dense", "blockwise")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """A Gemma text decoder. Field names follow the paper notation (see gemma/model/notation.py)."""
@@ -97,6 +100,11 @@ class ModelConfig:
   pad_id: int = 0
   bos_id: int = 2
   eos_ids: tuple[int, ...] = (1,)
+  # How attention is computed (numerics equal up to float rounding; an ablation knob):
+  # "dense" materializes [T, S] scores; "blockwise" never does (flash attention: memory linear in
+  # the context); "auto": dense for decode steps and small calls (T·S <= 4·block²), else blockwise.
+  attention_impl: str = "auto"
+  attention_block: int = 512  # queries and keys per block of blockwise attention
 
   def __post_init__(self):
     if len(self.layer_types) != self.num_layers:
@@ -106,6 +114,11 @@ class ModelConfig:
       raise ValueError(f"num_heads={self.num_heads} not divisible by num_kv_heads")
     if not 0 <= self.num_kv_shared_layers < self.num_layers:
       raise ValueError(f"num_kv_shared_layers={self.num_kv_shared_layers} out of range")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of "
+                       f"{ATTENTION_IMPLS}")
+    if self.attention_block < 1:
+      raise ValueError(f"attention_block={self.attention_block} must be >= 1")
     if self.num_experts and not 0 < self.top_k_experts <= self.num_experts:
       raise ValueError(f"top_k_experts={self.top_k_experts} must be in [1, {self.num_experts}]")
 
@@ -154,6 +167,12 @@ class ModelConfig:
   def attn_scale(self) -> float:
     """Multiplier of q·k: 1.0 for Gemma 4 (q/k norms replace 1/sqrt(H))."""
     return 1.0 if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar ** -0.5
+
+  def attends_blockwise(self, queries: int, keys: int) -> bool:
+    """Whether a call of `queries` queries over `keys` keys runs blockwise (`attention_impl`)."""
+    if self.attention_impl == "auto":
+      return queries > 1 and queries * keys > 4 * self.attention_block ** 2
+    return self.attention_impl == "blockwise"
 
   def rope(self, kind: AttentionType) -> RopeConfig:
     return self.rope_global if kind is AttentionType.GLOBAL else self.rope_local
