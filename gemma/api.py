@@ -65,7 +65,7 @@ class Model:
   ple_on_host: the per-layer-embedding table stays in host memory during generation.
   recipe: the quantization recipe of the weights (None: float).
   prefill_chunk: prompts (and chat turns) are prefilled in chunks of this many tokens against
-    the cache (None: each at once).
+    the cache (None: `gemma.inference.decode.DEFAULT_PREFILL_CHUNK`).
   """
 
   cfg: ModelConfig
@@ -292,7 +292,7 @@ def load(path: str | Path, *, dtype=None, quant: Recipe | str | None = None,
     float_dtype: dtype of the leaves `quant` keeps in float (default `dtype`).
     verify: check a converted checkpoint's arrays against their recorded CRC-32s.
     require_tokenizer: refuse, before reading any weight, a checkpoint without a tokenizer.
-    prefill_chunk: prefill prompts in chunks of this many tokens (None: at once).
+    prefill_chunk: prefill prompts in chunks of this many tokens (None: the default, 2048).
   """
   if prefill_chunk is not None and prefill_chunk < 1:
     raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")

@@ -96,48 +96,63 @@ def _may_see(q_lo, q_hi, k_lo, k_hi, window):
   return live
 
 
-# ----------------------------------------------------------------------------- blocked layout
-def _split(x, blk: int, pad=0):
-  """[B, N, ...] -> [n, B, blk, ...]: axis 1 padded (with `pad`) to whole blocks, block first."""
-  x = _pad_axis(x, 1, blk, pad)
-  return jnp.moveaxis(x.reshape(x.shape[0], x.shape[1] // blk, blk, *x.shape[2:]), 1, 0)
+# ----------------------------------------------------------------------------- jnp blocks
+# Blocks are sliced in place (no padded or transposed copy of K/V): block j starts at
+# min(j·blk, N - blk), so the last block may overlap the one before it. Keys of an overlap are
+# masked (position -1) so each key counts once; queries of an overlap are computed twice and
+# written twice with the same values (the backward pass masks them instead, as it adds).
+def _starts(n: int, blk: int) -> jax.Array:
+  """[ceil(n / blk)] int32 block starts, the last one clamped to n - blk."""
+  return jnp.minimum(jnp.arange(-(-n // blk), dtype=jnp.int32) * blk, n - blk)
 
 
-def _unblock(x, t):
-  """[n, B, blk, ...] -> [B, n·blk, ...][:, :t]."""
-  x = jnp.moveaxis(x, 0, 1)
-  return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :t]
+def _block(x, start, blk):
+  return lax.dynamic_slice_in_dim(x, start, blk, axis=1)
+
+
+def _fresh(pos, j, start, blk):
+  """Positions of block j with the slots an earlier block already covered set to -1."""
+  first = j * blk - start  # slots before this are the previous block's
+  return jnp.where(jnp.arange(blk) >= first, pos, -1)
 
 
 def _scores(qi, kj, qpi, kpj, scale, window, cap):
-  """Block logits [B, K, G, bq, bk] float32 (masked entries MASK_VALUE), the mask, and the
-  pre-cap logits (for the backward pass)."""
-  # [B, K, G, bq, bk]
+  """Block logits [B, K, G, bq, bk] float32 after soft-capping, and the mask [B, 1, 1, bq, bk]."""
   raw = jnp.einsum("bqkgh,bskh->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
-  s = _softcap(raw, cap)
-  # [B, 1, 1, bq, bk]
   mask = _visible(qpi[:, None, None, :, None], kpj[:, None, None, None, :], window)
-  return jnp.where(mask, s, MASK_VALUE), mask
+  return _softcap(raw, cap), mask
+
+
+def _key_intervals(k_pos, bk):
+  """Per key block: its start, and the (min, max) of its fresh valid positions."""
+  starts = _starts(k_pos.shape[1], bk)
+  fresh = jax.vmap(lambda j, st: _fresh(_block(k_pos, st, bk), j, st, bk))(
+      jnp.arange(starts.shape[0]), starts)
+  lo, hi = jax.vmap(_interval)(fresh)
+  return starts, lo, hi
 
 
 def _forward_blocks(q, k, v, q_pos, k_pos, scale, window, cap, bq, bk):
   """Blockwise forward in jnp. Returns out [B, T, K, G, H] float32, lse [B, T, K, G] float32
   (0 for rows that see nothing)."""
   b, t, kh, g, h = q.shape
-  qb, qpb = _split(q, bq), _split(q_pos, bq, -1)
-  kb, vb, kpb = _split(k, bk), _split(v, bk), _split(k_pos, bk, -1)
-  k_lo, k_hi = jax.vmap(_interval)(kpb)
+  k_starts, k_lo, k_hi = _key_intervals(k_pos, bk)
 
-  def one_query_block(args):
-    qi, qpi = args
+  def query_block(i, outs):
+    out_all, lse_all = outs
+    qs = jnp.minimum(i * bq, t - bq)
+    qi, qpi = _block(q, qs, bq), _block(q_pos, qs, bq)
     q_lo, q_hi = _interval(qpi)
 
     def step(carry, xs):
-      kj, vj, kpj, lo, hi = xs
+      j, ks, lo, hi = xs
 
       def update(carry):
         m, norm, acc = carry
-        s, mask = _scores(qi, kj, qpi, kpj, scale, window, cap)
+        kpj = _fresh(_block(k_pos, ks, bk), j, ks, bk)
+        vj = _block(v, ks, bk)
+        s, mask = _scores(qi, _block(k, ks, bk), qpi, kpj, scale, window, cap)
+        s = jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         alpha = jnp.exp(m - m_new)
@@ -146,47 +161,55 @@ def _forward_blocks(q, k, v, q_pos, k_pos, scale, window, cap, bq, bk):
                         preferred_element_type=jnp.float32)
         return m_new, norm * alpha + jnp.sum(p, axis=-1), acc * alpha[..., None] + pv
 
-      live = _may_see(q_lo, q_hi, lo, hi, window)
-      return lax.cond(live, update, lambda c: c, carry), None
+      return lax.cond(_may_see(q_lo, q_hi, lo, hi, window), update, lambda c: c, carry), None
 
     init = (jnp.full((b, kh, g, bq), MASK_VALUE, jnp.float32),
             jnp.zeros((b, kh, g, bq), jnp.float32), jnp.zeros((b, kh, g, bq, h), jnp.float32))
-    (m, norm, acc), _ = lax.scan(step, init, (kb, vb, kpb, k_lo, k_hi))
+    js = jnp.arange(k_starts.shape[0])
+    (m, norm, acc), _ = lax.scan(step, init, (js, k_starts, k_lo, k_hi))
     seen = norm > 0
-    out = jnp.where(seen[..., None], acc / jnp.where(seen, norm, 1.0)[..., None], 0.0)
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, norm, 1.0)), 0.0)
-    # [B, bq, K, G, H], [B, bq, K, G]
-    return jnp.einsum("bkgqh->bqkgh", out), jnp.einsum("bkgq->bqkg", lse)
+    safe = jnp.where(seen, norm, 1.0)
+    out = jnp.where(seen[..., None], acc / safe[..., None], 0.0)
+    lse = jnp.where(seen, m + jnp.log(safe), 0.0)
+    # [B, bq, K, G, H], [B, bq, K, G] written at the block's rows
+    out_all = lax.dynamic_update_slice_in_dim(out_all, jnp.einsum("bkgqh->bqkgh", out), qs, 1)
+    lse_all = lax.dynamic_update_slice_in_dim(lse_all, jnp.einsum("bkgq->bqkg", lse), qs, 1)
+    return out_all, lse_all
 
-  outs, lses = lax.map(one_query_block, (qb, qpb))
-  return _unblock(outs, t), _unblock(lses, t)
+  outs = (jnp.zeros((b, t, kh, g, h), jnp.float32), jnp.zeros((b, t, kh, g), jnp.float32))
+  return lax.fori_loop(0, -(-t // bq), query_block, outs)
 
 
 def _backward_blocks(q, k, v, q_pos, k_pos, out, lse, dout, scale, window, cap, bq, bk):
   """Blockwise gradients (dq, dk, dv) from the saved output and log-sum-exp: for each key block,
   a scan over the query blocks that can see it recomputes the probabilities."""
-  t, s = q.shape[1], k.shape[1]
+  t = q.shape[1]
   # [B, T, K, G] rowwise Σ dout·out
   delta = jnp.sum(dout.astype(jnp.float32) * out, axis=-1)
-  qb, qpb, dob = _split(q, bq), _split(q_pos, bq, -1), _split(dout, bq)
-  kb, vb, kpb = _split(k, bk), _split(v, bk), _split(k_pos, bk, -1)
-  # [nq, B, K, G, bq]
-  lseb, deltab = (jnp.einsum("nbqkg->nbkgq", _split(x, bq)) for x in (lse, delta))
-  q_lo, q_hi = jax.vmap(_interval)(qpb)
-  k_lo, k_hi = jax.vmap(_interval)(kpb)
+  k_starts, k_lo, k_hi = _key_intervals(k_pos, bk)
+  q_starts = _starts(t, bq)
+  # each query row once: rows an earlier block covered get position -1 in the clamped block
+  q_fresh = jax.vmap(lambda i, st: _fresh(_block(q_pos, st, bq), i, st, bq))(
+      jnp.arange(q_starts.shape[0]), q_starts)
+  q_lo, q_hi = jax.vmap(_interval)(q_fresh)
 
-  def per_key_block(dq, xs):
-    kj, vj, kpj, lo, hi = xs
+  def key_block(carry, xs):
+    dq, dk_all, dv_all = carry
+    j, ks, lo, hi = xs
+    kj, vj = _block(k, ks, bk), _block(v, ks, bk)
+    kpj = _fresh(_block(k_pos, ks, bk), j, ks, bk)
 
-    def per_query_block(carry, ys):
-      qi, doi, qpi, lsei, di, qlo, qhi = ys
+    def query_block(carry, ys):
+      qs, qpi, qlo, qhi = ys
 
       def grads(carry):
-        dk, dv = carry
+        dq, dk, dv = carry
+        qi, doi = _block(q, qs, bq), _block(dout, qs, bq)
+        # [B, K, G, bq]
+        lsei = jnp.einsum("bqkg->bkgq", _block(lse, qs, bq))
+        di = jnp.einsum("bqkg->bkgq", _block(delta, qs, bq))
+        sc, mask = _scores(qi, kj, qpi, kpj, scale, window, cap)
         # [B, K, G, bq, bk]
-        raw = jnp.einsum("bqkgh,bskh->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
-        sc = _softcap(raw, cap)
-        mask = _visible(qpi[:, None, None, :, None], kpj[:, None, None, None, :], window)
         p = jnp.where(mask, jnp.exp(sc - lsei[..., None]), 0.0)
         dv = dv + jnp.einsum("bkgqs,bqkgh->bskh", p.astype(vj.dtype), doi,
                              preferred_element_type=jnp.float32)
@@ -197,20 +220,23 @@ def _backward_blocks(q, k, v, q_pos, k_pos, out, lse, dout, scale, window, cap, 
         ds = ds * scale
         dk = dk + jnp.einsum("bkgqs,bqkgh->bskh", ds, qi, preferred_element_type=jnp.float32)
         dqi = jnp.einsum("bkgqs,bskh->bqkgh", ds, kj, preferred_element_type=jnp.float32)
-        return (dk, dv), dqi
+        dq = lax.dynamic_update_slice_in_dim(dq, _block(dq, qs, bq) + dqi, qs, 1)
+        return dq, dk, dv
 
-      skip = lambda c: (c, jnp.zeros(qi.shape, jnp.float32))  # noqa: E731
-      return lax.cond(_may_see(qlo, qhi, lo, hi, window), grads, skip, carry)
+      return lax.cond(_may_see(qlo, qhi, lo, hi, window), grads, lambda c: c, carry), None
 
     zeros = jnp.zeros(kj.shape, jnp.float32)
-    (dk, dv), dq_parts = lax.scan(per_query_block, (zeros, zeros),
-                                  (qb, dob, qpb, lseb, deltab, q_lo, q_hi))
-    return dq + dq_parts, (dk, dv)
+    (dq, dk, dv), _ = lax.scan(query_block, (dq, zeros, zeros), (q_starts, q_fresh, q_lo, q_hi))
+    # masked (already covered) keys of a clamped block add 0
+    dk_all = lax.dynamic_update_slice_in_dim(dk_all, _block(dk_all, ks, bk) + dk, ks, 1)
+    dv_all = lax.dynamic_update_slice_in_dim(dv_all, _block(dv_all, ks, bk) + dv, ks, 1)
+    return (dq, dk_all, dv_all), None
 
-  dq, (dk, dv) = lax.scan(per_key_block, jnp.zeros(qb.shape, jnp.float32),
-                          (kb, vb, kpb, k_lo, k_hi))
-  return (_unblock(dq, t).astype(q.dtype), _unblock(dk, s).astype(k.dtype),
-          _unblock(dv, s).astype(v.dtype))
+  init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32),
+          jnp.zeros(v.shape, jnp.float32))
+  js = jnp.arange(k_starts.shape[0])
+  (dq, dk, dv), _ = lax.scan(key_block, init, (js, k_starts, k_lo, k_hi))
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 @functools.lru_cache(maxsize=256)
@@ -267,8 +293,9 @@ def flash_attention_reference(q, k, v, q_pos, k_pos, *, scale: float, window: in
 
 # ----------------------------------------------------------------------------- Pallas kernel
 def _forward_kernel(q_ref, qpos_ref, k_ref, v_ref, kpos_ref, o_ref, lse_ref, *, scale, window,
-                    cap, bk, n_kblocks):
-  """One (row, KV head, block of M rows): walks every key block, skipping invisible ones."""
+                    cap, bk, n_kblocks, s):
+  """One (row, KV head, block of M rows): walks every key block (the last one clamped to end at
+  S, its already covered keys masked), skipping invisible ones."""
   b, kh = pl.program_id(0), pl.program_id(1)
   q = q_ref[...]  # [M, H]
   qp = qpos_ref[...]  # [M]
@@ -276,8 +303,9 @@ def _forward_kernel(q_ref, qpos_ref, k_ref, v_ref, kpos_ref, o_ref, lse_ref, *, 
   m_rows = q.shape[0]
 
   def body(j, carry):
-    keys = pl.ds(j * bk, bk)
-    kp = kpos_ref[b, keys]  # [bk]
+    start = jnp.minimum(j * bk, s - bk)
+    keys = pl.ds(start, bk)
+    kp = _fresh(kpos_ref[b, keys], j, start, bk)  # [bk]
     k_lo, k_hi = _interval(kp)
 
     def update(carry):
@@ -315,6 +343,10 @@ def _kernel_tiles(rows, s, h, block_rows, block_keys):
   for name, x in (("block_rows", m), ("block_keys", bk)):
     if x < 16 or x & (x - 1):
       raise NotImplementedError(f"{name}={x}: the kernel takes powers of two >= 16")
+  while bk > 16 and bk > s:
+    bk //= 2
+  if s < bk:
+    raise NotImplementedError(f"S={s} keys: the kernel needs at least {bk}")
   return m, bk
 
 
@@ -327,11 +359,10 @@ def _kernel_forward(q, k, v, q_pos, k_pos, *, scale, window, cap, block_rows, bl
   rows = jnp.einsum("btkgh->bktgh", q).reshape(b, kh, t * g, h)
   row_pos = jnp.repeat(q_pos.astype(jnp.int32), g, axis=1)  # [B, T·G]
   rows, row_pos = _pad_axis(rows, 2, m), _pad_axis(row_pos, 1, m, -1)
-  k, v, k_pos = _pad_axis(k, 1, bk), _pad_axis(v, 1, bk), _pad_axis(k_pos.astype(jnp.int32), 1,
-                                                                       bk, -1)
-  n_rows, n_kblocks = rows.shape[2], k.shape[1] // bk
+  s = k.shape[1]
+  n_rows, n_kblocks = rows.shape[2], -(-s // bk)
   kernel = functools.partial(_forward_kernel, scale=scale, window=window, cap=cap, bk=bk,
-                             n_kblocks=n_kblocks)
+                             n_kblocks=n_kblocks, s=s)
   out, lse = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((b, kh, n_rows, h), jnp.float32),
@@ -344,7 +375,8 @@ def _kernel_forward(q, k, v, q_pos, k_pos, *, scale, window, cap, block_rows, bl
                  pl.BlockSpec((None, None, m), lambda i, j, r: (i, j, r))),
       compiler_params=pltriton.CompilerParams(num_warps=num_warps or (8 if h >= 512 else 4),
                                               num_stages=num_stages),
-      interpret=interpret, name="flash_attention")(rows, row_pos, k, v, k_pos)
+      interpret=interpret, name="flash_attention")(rows, row_pos, k, v,
+                                                     k_pos.astype(jnp.int32))
   out = jnp.einsum("bktgh->btkgh", out[:, :, :t * g].reshape(b, kh, t, g, h))
   lse = jnp.einsum("bktg->btkg", lse[:, :, :t * g].reshape(b, kh, t, g))
   return out, lse

@@ -58,8 +58,8 @@ def add_kv_quant(p) -> None:
 
 def add_prefill_chunk(p) -> None:
   p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
-                 help="prefill the prompt in chunks of N tokens against the KV cache (bounded "
-                 "attention buffers for long prompts; default: at once)")
+                 help="prefill the prompt in chunks of N tokens against the KV cache (a working "
+                 "set independent of the prompt's length; default 2048)")
 
 
 def add_chat(p) -> None:

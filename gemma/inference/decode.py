@@ -47,6 +47,11 @@ def _check_finite(logits: jax.Array, done: np.ndarray, step: int) -> None:
         f"{np.flatnonzero(bad).tolist()}): the weights or the KV cache hold non-finite values")
 
 
+# Prompt tokens per prefill call by default: compiled once per chunk size, no chunk padded beyond
+# its own tail, and a working set independent of the prompt's length (`gemma.parallel.memory`).
+DEFAULT_PREFILL_CHUNK = 2048
+
+
 def bucket_length(n: int) -> int:
   """The power-of-two chunk length (at least MIN_BUCKET) that a prompt of n tokens is padded to."""
   return max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
@@ -189,10 +194,12 @@ def device_memory_limit() -> int | None:
 
 
 def check_memory(params: Params, cfg: ModelConfig, batch: int, max_length: int,
-                 kv_quant, mesh: Mesh | None = None) -> None:
-  """Refuses, before allocating the cache, a run whose weights + KV cache exceed one device
+                 kv_quant, mesh: Mesh | None = None, prefill_chunk: int | None = None) -> None:
+  """Refuses, before allocating the cache, a run whose weights + KV cache + prefill working set
+  (chunks of `prefill_chunk`, default DEFAULT_PREFILL_CHUNK) exceed one device
   (`gemma.parallel.memory.check_fits`, the planner `gemma4 plan` uses too)."""
-  memory.check_fits(params, cfg, batch, max_length, kv_quant, mesh, device_memory_limit())
+  memory.check_fits(params, cfg, batch, max_length, kv_quant, mesh, device_memory_limit(),
+                    prefill_chunk or DEFAULT_PREFILL_CHUNK)
 
 
 def check_capacity(cfg: ModelConfig, prompt_len: int, max_new_tokens: int,
@@ -219,9 +226,11 @@ class Runner:
   with_rows: Callable = lambda p, _: p  # attaches host-PLE rows for the step's tokens
   place: Callable = lambda x: x  # small inputs: replicated on the mesh
 
-  def new_cache(self, batch: int, max_length: int, kv_quant) -> KVCache:
-    """An empty cache, checked against device memory and placed on the mesh."""
-    check_memory(self.params, self.cfg, batch, max_length, kv_quant, self.mesh)
+  def new_cache(self, batch: int, max_length: int, kv_quant,
+                prefill_chunk: int | None = None) -> KVCache:
+    """An empty cache, checked against device memory (with the prefill working set of chunks
+    of `prefill_chunk`) and placed on the mesh."""
+    check_memory(self.params, self.cfg, batch, max_length, kv_quant, self.mesh, prefill_chunk)
     cache = init_cache(self.cfg, batch, max_length, self.params.embed.dtype, kv_quant)
     return cache if self.mesh is None else sharding.shard_cache(cache, self.mesh)
 
@@ -260,7 +269,7 @@ def stream(run: Runner, cache: KVCache, tokens: np.ndarray, positions: np.ndarra
   """Prefills [B, T] tokens onto `cache` and decodes: a generator of each step's new ids
   (list[int], one per row) whose return value is (Generation, cache).
 
-  `prefill_chunk` (default: the whole prompt at once) prefills the prompt in chunks of that many
+  `prefill_chunk` (default DEFAULT_PREFILL_CHUNK) prefills the prompt in chunks of that many
   columns, each attending to the cache before it and to itself: compiled once per chunk size
   (and once for the tail), with attention buffers of one chunk against the cache instead of the
   whole prompt against itself. The returned cache holds the prompt and every generated token
@@ -269,7 +278,7 @@ def stream(run: Runner, cache: KVCache, tokens: np.ndarray, positions: np.ndarra
   """
   cfg, params, place, with_rows = run.cfg, run.params, run.place, run.with_rows
   b, t = tokens.shape
-  chunk = t if prefill_chunk is None else prefill_chunk
+  chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
   if chunk < 1:
     raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
   stop = np.asarray(sorted(set(cfg.eos_ids if eos_ids is None else eos_ids)), np.int32)
@@ -354,7 +363,8 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
       are sharded over it (tensor parallel on `model`, rows / FSDP on `data`).
     ple_on_host: keep the per-layer-embedding table in host memory and send each step only its
       tokens' rows (`gemma.parallel.host_ple`).
-    prefill_chunk: prefill the prompt in chunks of this many tokens (`stream`); None: at once.
+    prefill_chunk: prefill the prompt in chunks of this many tokens (`stream`; default
+      DEFAULT_PREFILL_CHUNK).
   """
   run = runner(params, cfg, mesh, ple_on_host)
   steps = prompt_steps(run, prompts, max_new_tokens, sampler, seed, max_length, eos_ids,
@@ -372,6 +382,6 @@ def prompt_steps(run: Runner, prompts: Sequence[Sequence[int]], max_new_tokens: 
   b, t = tokens.shape
   max_length = max_length or t + max_new_tokens
   check_capacity(run.cfg, t, max_new_tokens, max_length)
-  cache = run.new_cache(b, max_length, kv_quant)
+  cache = run.new_cache(b, max_length, kv_quant, prefill_chunk)
   return stream(run, cache, tokens, positions, max_new_tokens, sampler, seed, eos_ids,
                 prefill_chunk)

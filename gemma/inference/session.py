@@ -115,7 +115,7 @@ class ChatSession:
     """The kept cache with room for `needed` columns (a new one on the first turn)."""
     size = min(self.max_length, max(MIN_CAPACITY, 1 << (needed - 1).bit_length()))
     if self._cache is None:
-      return self.run.new_cache(1, size, self.kv_quant)
+      return self.run.new_cache(1, size, self.kv_quant, self.prefill_chunk)
     if needed > self._cache.max_length:
       return self.run.grow_cache(self._cache, size, self.kv_quant)
     return self._cache

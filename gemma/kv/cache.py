@@ -82,7 +82,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype=jnp.float32,
 
 def update_and_view(cache, codec: kv_quant_lib.Codec | None, k: jax.Array, v: jax.Array,
                     positions: jax.Array, start: jax.Array, num_columns: jax.Array,
-                    q: jax.Array | None = None):
+                    q: jax.Array | None = None, ring: bool = True):
   """Stores this call's K/V and returns what the queries attend to: the one dispatch point
   between float and TurboQuant caches.
 
@@ -90,15 +90,18 @@ def update_and_view(cache, codec: kv_quant_lib.Codec | None, k: jax.Array, v: ja
     k, v: [B, T, K, H] this call's keys/values; positions [B, T] (-1 for padding).
     start: [] int32 write pointer; num_columns: [] int32 valid columns.
     q: this call's queries [B, T, K, G, H] (a TurboQuant cache fits its key scaling to them).
+    ring: the layer's cache is a ring buffer (a sliding-window layer); False for global layers,
+      whose cache holds every column of the run.
   Returns:
     (a view (FloatView or QuantView) over [B, S', ...] keys, new cache or None). Without a cache
     the view is this call's K/V. A single-token call (decode) attends over the updated buffer. A
-    multi-token call attends over the old buffer plus its own K/V, because a ring buffer may
-    overwrite slots that earlier queries of the same call still need.
+    multi-token call attends over the old buffer plus its own K/V when the buffer is a ring
+    (which may overwrite slots that earlier queries of the same call still need), else over the
+    updated buffer.
   """
   if cache is None:
     return FloatView(k, v, positions), None
   if isinstance(cache, kv_quant_lib.QuantLayerCache):
     return kv_quant_lib.update_and_view(cache, codec, k, v, positions, start, num_columns,
                                         scatter, q)
-  return update_float(cache, k, v, positions, start, num_columns)
+  return update_float(cache, k, v, positions, start, num_columns, ring)

@@ -106,17 +106,19 @@ def scatter(old, new, start: jax.Array, num_columns: jax.Array):
 
 
 def update_float(cache: FloatKV, k: jax.Array, v: jax.Array, positions: jax.Array,
-                 start: jax.Array, num_columns: jax.Array) -> tuple[FloatView, FloatKV]:
+                 start: jax.Array, num_columns: jax.Array,
+                 ring: bool = True) -> tuple[FloatView, FloatKV]:
   """Stores this call's K/V [B, T, K, H] in a float buffer; returns (view, new buffer).
 
-  A single-token call (decode) attends over the updated buffer; a multi-token call over the old
-  buffer plus its own K/V, because a ring buffer may overwrite slots that earlier queries of the
-  same call still need.
+  A single-token call (decode), or any call into a buffer that is not a ring (`ring` False: a
+  global layer's cache, which holds every column of the run), attends over the updated buffer.
+  A multi-token call into a ring buffer attends over the old buffer plus its own K/V (a copy),
+  because the ring may overwrite slots that earlier queries of the same call still need.
   """
   positions = positions.astype(jnp.int32)
   k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
   new = FloatKV(*scatter((cache.k, cache.v, cache.pos), (k, v, positions), start, num_columns))
-  if k.shape[1] == 1:
+  if k.shape[1] == 1 or not ring:
     return FloatView(new.k, new.v, new.pos), new
   view = FloatView(jnp.concatenate([cache.k, k], axis=1), jnp.concatenate([cache.v, v], axis=1),
                    jnp.concatenate([cache.pos, positions], axis=1))

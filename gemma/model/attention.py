@@ -85,7 +85,8 @@ def attention(p: Attention, x: jax.Array, positions: jax.Array, spec: LayerSpec,
     b, t, n, h = q.shape
     kh = k.shape[2]
     view, new_cache = kv_cache.update_and_view(cache, codec, k, v, positions, start,
-                                               num_columns, q.reshape(b, t, kh, n // kh, h))
+                                               num_columns, q.reshape(b, t, kh, n // kh, h),
+                                               ring=spec.window is not None)
   out = attend(q, view, positions, window=spec.window, scale=cfg.attn_scale,
                cap=cfg.attn_softcap, block=cfg.attention_block,
                blockwise=cfg.attends_blockwise(q.shape[1], view.pos.shape[1]))
