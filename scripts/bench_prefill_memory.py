@@ -1,7 +1,11 @@
-"""Peak host memory and prefill speed of long prompts, one-shot vs chunked (docs/BENCHMARKS.md).
+"""Peak host memory and prefill speed of long prompts against prompt length (docs/BENCHMARKS.md).
 
-  .venv/bin/python scripts/bench_prefill_memory.py [--lengths 1024 8192 16384] [--chunk 1024]
-      [--checkpoint PATH]
+  .venv/bin/python scripts/bench_prefill_memory.py [--lengths 1024 4096 16384 32766]
+      [--chunks default 1024] [--code DIR] [--checkpoint PATH]
+
+--chunks: `--prefill-chunk` values to run, "default" for none given. --code: the source tree
+whose `gemma` runs (default this one; e.g. a `git worktree` of an older commit for a before/after
+comparison on the same machine).
 
 Each run is a fresh `gemma4 generate --max-new-tokens 2 --json` subprocess on a prompt of exactly
 N tokens (the Alice text, repeated as needed, BOS first), whose peak RSS comes from
@@ -20,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _one(checkpoint: str, ids: list[int], chunk: int | None) -> dict:
+def _one(checkpoint: str, ids: list[int], chunk: int | None, code: Path) -> dict:
   cmd = [sys.executable, "-m", "gemma.cli.app", "generate", "--checkpoint", checkpoint,
          "--prompt-ids", ",".join(map(str, ids)), "--max-new-tokens", "2", "--json"]
   if chunk:
@@ -32,9 +36,9 @@ def _one(checkpoint: str, ids: list[int], chunk: int | None) -> dict:
            "print(lines[-1] if lines else ''); print(r.stderr[-800:], "
            "file=sys.stderr); print('RSS', resource.getrusage(resource.RUSAGE_CHILDREN)"
            ".ru_maxrss); sys.exit(r.returncode)", *cmd]
-  out = subprocess.run(probe, capture_output=True, text=True, cwd=ROOT)
+  out = subprocess.run(probe, capture_output=True, text=True, cwd=code)
   rss = [line for line in out.stdout.splitlines() if line.startswith("RSS")]
-  row = dict(tokens=len(ids), chunk=chunk or "none", ok=out.returncode == 0,
+  row = dict(code=str(code), tokens=len(ids), chunk=chunk or "default", ok=out.returncode == 0,
              peak_rss_gb=int(rss[-1].split()[1]) / 1e6 if rss else None)
   if out.returncode == 0:
     js = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
@@ -46,8 +50,9 @@ def _one(checkpoint: str, ids: list[int], chunk: int | None) -> dict:
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 16384])
-  ap.add_argument("--chunk", type=int, default=1024)
+  ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 32766])
+  ap.add_argument("--chunks", nargs="+", default=["default"])
+  ap.add_argument("--code", type=Path, default=ROOT)
   ap.add_argument("--checkpoint", default=None)
   args = ap.parse_args(argv)
   checkpoint = args.checkpoint
@@ -64,15 +69,15 @@ def main(argv=None) -> int:
   rows = []
   for n in args.lengths:
     ids = [tok.bos_id] + (body * (n // len(body) + 1))[:n - 1]
-    for chunk in (None, args.chunk):
-      row = _one(checkpoint, ids, chunk)
+    for chunk in args.chunks:
+      row = _one(checkpoint, ids, None if chunk == "default" else int(chunk), args.code)
       rows.append(row)
       print(json.dumps(row), flush=True)
   print("| prompt tokens | prefill | peak RSS (GB) | prefill tok/s |")
   print("|---|---|---|---|")
   for r in rows:
     speed = f"{r['prefill_tokens_per_s']:.0f}" if r["ok"] else f"failed: {r.get('error')}"
-    chunk = "one shot" if r["chunk"] == "none" else f"chunks of {r['chunk']}"
+    chunk = "default" if r["chunk"] == "default" else f"chunks of {r['chunk']}"
     rss = f"{r['peak_rss_gb']:.2f}" if r["peak_rss_gb"] else "-"
     print(f"| {r['tokens']:,} | {chunk} | {rss} | {speed} |")
   return 0

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a GPU machine (jax preinstalled, no network), within 8 minutes:
 #   1. the kernel tests compiled for the GPU (interpret=False) on fresh random inputs: quantized
-#      matmuls and the TurboQuant KV decode-attention kernels,
+#      matmuls, the TurboQuant KV decode-attention kernels and flash attention (forward and
+#      gradients against the dense attention),
 #   2. bench_kernels.py --check compiled on the GPU,
 #   3. the kernel benchmark tables (Gemma 4 31B / E4B layer shapes, 4 and 2 bits),
 #   4. decode speed (random weights): gemma4-e4b at bf16 and tq4, gemma4-31b at tq4, and
@@ -31,6 +32,8 @@ step 120 "kernel tests (compiled)" "$PY" -m pytest -q -x -p no:cacheprovider tes
   -k "not lower_for_cuda and not model_logits and not bench_"
 step 60 "KV attention kernel tests (compiled)" "$PY" -m pytest -q -x -p no:cacheprovider \
   tests/test_tq_attention.py -k "not lower_for_cuda"
+step 90 "flash attention kernel tests (compiled)" "$PY" -m pytest -q -x -p no:cacheprovider \
+  tests/test_flash_attention.py -k "kernel and not lowers"
 step 45 "bench_kernels --check (compiled)" "$PY" scripts/bench_kernels.py --check --device gpu
 step 120 "kernel benchmark" "$PY" scripts/bench_kernels.py --device gpu --bits 4 2 --json
 for run in "gemma4-e4b bf16 1024 bf16" "gemma4-e4b tq4 1024 bf16" "gemma4-31b tq4 1024 bf16" \

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,8 @@ from tests.conftest import FAMILIES, fixture_dir, tiny
 from tests.test_chunked_prefill import PROMPT, _prefill_logits, _rel
 
 CASES = [(None, None), (8, None), (None, 5.0), (8, 5.0)]  # (window, soft-cap)
+# GEMMA_KERNEL_TEST_IMPL=pallas runs the kernel compiled for a GPU (scripts/gpu_check.sh)
+INTERPRET = os.environ.get("GEMMA_KERNEL_TEST_IMPL", "interpret") != "pallas"
 
 
 def _inputs(b=2, t=37, s=None, kh=2, g=2, h=16, dtype=jnp.float32, ring=False, seed=0):
@@ -58,7 +61,8 @@ def _dense(q, k, v, q_pos, k_pos, window, cap, scale=0.3):
 
 IMPLS = {
     "reference": functools.partial(F.flash_attention_reference, block_q=8, block_k=16),
-    "kernel": functools.partial(F.flash_attention, block_rows=16, block_keys=16, interpret=True),
+    "kernel": functools.partial(F.flash_attention, block_rows=16, block_keys=16,
+                                interpret=INTERPRET),
 }
 
 
