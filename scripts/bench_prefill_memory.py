@@ -19,14 +19,20 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _one(checkpoint: str, ids: list[int], chunk: int | None, code: Path) -> dict:
+  ids_arg = ",".join(map(str, ids))
+  if len(ids) > 8192:  # longer than a command line: from a file (`--prompt-ids @PATH`)
+    path = Path(tempfile.mkstemp(suffix=".ids")[1])
+    path.write_text(ids_arg)
+    ids_arg = f"@{path}"
   cmd = [sys.executable, "-m", "gemma.cli.app", "generate", "--checkpoint", checkpoint,
-         "--prompt-ids", ",".join(map(str, ids)), "--max-new-tokens", "2", "--json"]
+         "--prompt-ids", ids_arg, "--max-new-tokens", "2", "--json"]
   if chunk:
     cmd += ["--prefill-chunk", str(chunk)]
   # a fresh child per run: RUSAGE_CHILDREN of this probe is that run's peak alone

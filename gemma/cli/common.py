@@ -15,7 +15,14 @@ DTYPES = ("float32", "bfloat16")
 
 
 def parse_ids(text: str) -> list[int]:
-  """`--prompt-ids 2,17,5` as a list of ints."""
+  """`--prompt-ids 2,17,5` as a list of ints; `@PATH` reads the ids (comma- or
+  whitespace-separated) from a file, for prompts longer than a command line."""
+  if text.startswith("@"):
+    try:
+      text = ",".join(Path(text[1:]).read_text().split())
+    except OSError as e:
+      raise argparse.ArgumentTypeError(f"cannot read prompt ids from {text[1:]}: "
+                                       f"{e.strerror}") from None
   try:
     ids = [int(t) for t in text.split(",") if t.strip()]
   except ValueError:
@@ -74,7 +81,8 @@ def add_prompt(p, required: bool, ids: bool = True) -> None:
   g.add_argument("--prompt-file", metavar="PATH", help="prompt text from a UTF-8 file ('-': "
                  "standard input); one trailing newline is dropped")
   if ids:
-    g.add_argument("--prompt-ids", type=parse_ids, help="comma-separated prompt token ids")
+    g.add_argument("--prompt-ids", type=parse_ids,
+                   help="comma-separated prompt token ids (@PATH: read them from a file)")
 
 
 def prompt_text(args) -> str | None:
