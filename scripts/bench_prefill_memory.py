@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _one(checkpoint: str, ids: list[int], chunk: int | None, code: Path) -> dict:
   ids_arg = ",".join(map(str, ids))
-  if len(ids) > 8192:  # longer than a command line: from a file (`--prompt-ids @PATH`)
+  if len(ids) > 16384:  # a longer argument than Linux takes: from a file (`--prompt-ids @PATH`)
     path = Path(tempfile.mkstemp(suffix=".ids")[1])
     path.write_text(ids_arg)
     ids_arg = f"@{path}"
