@@ -198,7 +198,7 @@ def test_check_fits_refuses_as_generate_does(monkeypatch):
       with pytest.raises(ValueError) as want:
         decode.check_memory(p, cfg, 2, 64, kv, m)
       with pytest.raises(ValueError) as got:
-        memory.check_fits(p, cfg, 2, 64, kv, m, 10_000)
+        memory.check_fits(p, cfg, 2, 64, kv, m, 10_000, decode.DEFAULT_PREFILL_CHUNK)
       assert str(got.value) == str(want.value) and "gemma4 plan" in str(got.value)
   assert memory.check_fits(p, cfg, 2, 64, None, None, None) is None
   fits = memory.check_fits(p, cfg, 2, 64, None, mesh, 1 << 30)

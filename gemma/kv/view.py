@@ -110,15 +110,17 @@ def update_float(cache: FloatKV, k: jax.Array, v: jax.Array, positions: jax.Arra
                  ring: bool = True) -> tuple[FloatView, FloatKV]:
   """Stores this call's K/V [B, T, K, H] in a float buffer; returns (view, new buffer).
 
-  A single-token call (decode), or any call into a buffer that is not a ring (`ring` False: a
-  global layer's cache, which holds every column of the run), attends over the updated buffer.
-  A multi-token call into a ring buffer attends over the old buffer plus its own K/V (a copy),
-  because the ring may overwrite slots that earlier queries of the same call still need.
+  A single-token call (decode), or a call into a buffer that is not a ring (`ring` False: a
+  global layer's cache, which holds every column of the run: generate and chat check the
+  capacity first) and has room for the call, attends over the updated buffer. Otherwise the call
+  attends over the old buffer plus its own K/V (a copy): a ring (or a buffer shorter than the
+  call, as evaluation's one-slot cache) may overwrite slots that earlier queries of the same
+  call still need.
   """
   positions = positions.astype(jnp.int32)
   k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
   new = FloatKV(*scatter((cache.k, cache.v, cache.pos), (k, v, positions), start, num_columns))
-  if k.shape[1] == 1 or not ring:
+  if k.shape[1] == 1 or (not ring and cache.k.shape[1] >= k.shape[1]):
     return FloatView(new.k, new.v, new.pos), new
   view = FloatView(jnp.concatenate([cache.k, k], axis=1), jnp.concatenate([cache.v, v], axis=1),
                    jnp.concatenate([cache.pos, positions], axis=1))
