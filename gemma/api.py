@@ -294,8 +294,7 @@ def load(path: str | Path, *, dtype=None, quant: Recipe | str | None = None,
     require_tokenizer: refuse, before reading any weight, a checkpoint without a tokenizer.
     prefill_chunk: prefill prompts in chunks of this many tokens (None: the default, 2048).
   """
-  if prefill_chunk is not None and prefill_chunk < 1:
-    raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+  decode.chunk_size(prefill_chunk)  # a bad chunk size fails before any weight is read
   dtype = default_dtype() if dtype is None else jnp.dtype(dtype)
   kv_quant = None if kv_quant is None else parse_kv_cache(kv_quant)
   if isinstance(mesh, str):

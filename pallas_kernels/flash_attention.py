@@ -333,7 +333,7 @@ def _forward_kernel(q_ref, qpos_ref, k_ref, v_ref, kpos_ref, o_ref, lse_ref, *, 
   lse_ref[...] = jnp.where(seen, m + jnp.log(safe_l), 0.0)
 
 
-def _kernel_tiles(rows, s, h, block_rows, block_keys):
+def _kernel_tiles(s, h, block_rows, block_keys):
   """(M, bk): power-of-two row and key tiles >= 16 (smaller for H = 512: the accumulator lives in
   registers); NotImplementedError for head sizes the kernel does not take."""
   if h % 16 or h & (h - 1) or h > 512:
@@ -352,9 +352,10 @@ def _kernel_tiles(rows, s, h, block_rows, block_keys):
 
 def _kernel_forward(q, k, v, q_pos, k_pos, *, scale, window, cap, block_rows, block_keys,
                     interpret, num_warps, num_stages):
-  """(out [B, T, K, G, H] float32, lse [B, T, K, G]) from the Pallas kernel."""
+  """(out [B, T, K, G, H] float32, lse [B, T, K, G]) from the Pallas kernel; block_rows and
+  block_keys are `_kernel_tiles`' resolved tiles."""
   b, t, kh, g, h = q.shape
-  m, bk = _kernel_tiles(t * g, k.shape[1], h, block_rows, block_keys)
+  m, bk = block_rows, block_keys
   # rows r = t·G + g of one KV head: [B, K, T·G, H]; each row's query position
   rows = jnp.einsum("btkgh->bktgh", q).reshape(b, kh, t * g, h)
   row_pos = jnp.repeat(q_pos.astype(jnp.int32), g, axis=1)  # [B, T·G]
@@ -403,7 +404,7 @@ def flash_attention(q, k, v, q_pos, k_pos, *, scale: float, window: int | None =
     `flash_attention_reference`).
   """
   _check(q, k, v, q_pos, k_pos)
-  _kernel_tiles(q.shape[1] * q.shape[3], k.shape[1], q.shape[-1], block_rows, block_keys)
+  block_rows, block_keys = _kernel_tiles(k.shape[1], q.shape[-1], block_rows, block_keys)
   bq, bk = _block_sizes(q.shape[1], k.shape[1], block_q, block_k)
   kernel = tuple(sorted(dict(block_rows=block_rows, block_keys=block_keys, interpret=interpret,
                            num_warps=num_warps, num_stages=num_stages).items()))

@@ -52,6 +52,14 @@ def _check_finite(logits: jax.Array, done: np.ndarray, step: int) -> None:
 DEFAULT_PREFILL_CHUNK = 2048
 
 
+def chunk_size(prefill_chunk: int | None) -> int:
+  """Prompt tokens per prefill call: `prefill_chunk`, or DEFAULT_PREFILL_CHUNK for None."""
+  chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
+  if chunk < 1:
+    raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+  return chunk
+
+
 def bucket_length(n: int) -> int:
   """The power-of-two chunk length (at least MIN_BUCKET) that a prompt of n tokens is padded to."""
   return max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
@@ -199,7 +207,7 @@ def check_memory(params: Params, cfg: ModelConfig, batch: int, max_length: int,
   (chunks of `prefill_chunk`, default DEFAULT_PREFILL_CHUNK) exceed one device
   (`gemma.parallel.memory.check_fits`, the planner `gemma4 plan` uses too)."""
   memory.check_fits(params, cfg, batch, max_length, kv_quant, mesh, device_memory_limit(),
-                    prefill_chunk or DEFAULT_PREFILL_CHUNK)
+                    chunk_size(prefill_chunk))
 
 
 def check_capacity(cfg: ModelConfig, prompt_len: int, max_new_tokens: int,
@@ -234,13 +242,14 @@ class Runner:
     cache = init_cache(self.cfg, batch, max_length, self.params.embed.dtype, kv_quant)
     return cache if self.mesh is None else sharding.shard_cache(cache, self.mesh)
 
-  def grow_cache(self, cache: KVCache, max_length: int, kv_quant) -> KVCache:
+  def grow_cache(self, cache: KVCache, max_length: int, kv_quant,
+                 prefill_chunk: int | None = None) -> KVCache:
     """`cache` with room for `max_length` columns: buffers that grow get the old slots first
     (a buffer that grows has never wrapped: it was as long as the whole cache)."""
     if max_length <= cache.max_length:
       return cache
     batch = cache.next_pos.shape[0]
-    new = self.new_cache(batch, max_length, kv_quant)
+    new = self.new_cache(batch, max_length, kv_quant, prefill_chunk)
     layers = jax.tree.map(
         lambda o, n: o if o.shape == n.shape else n.at[:, :o.shape[1]].set(o),
         cache.layers, new.layers)
@@ -278,9 +287,7 @@ def stream(run: Runner, cache: KVCache, tokens: np.ndarray, positions: np.ndarra
   """
   cfg, params, place, with_rows = run.cfg, run.params, run.place, run.with_rows
   b, t = tokens.shape
-  chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
-  if chunk < 1:
-    raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+  chunk = chunk_size(prefill_chunk)
   stop = np.asarray(sorted(set(cfg.eos_ids if eos_ids is None else eos_ids)), np.int32)
   key = place(jax.random.key(seed))
   chunks = []  # (params with PLE rows, tokens, positions, num_columns) per chunk

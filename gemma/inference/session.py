@@ -117,5 +117,5 @@ class ChatSession:
     if self._cache is None:
       return self.run.new_cache(1, size, self.kv_quant, self.prefill_chunk)
     if needed > self._cache.max_length:
-      return self.run.grow_cache(self._cache, size, self.kv_quant)
+      return self.run.grow_cache(self._cache, size, self.kv_quant, self.prefill_chunk)
     return self._cache

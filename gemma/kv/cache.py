@@ -95,9 +95,8 @@ def update_and_view(cache, codec: kv_quant_lib.Codec | None, k: jax.Array, v: ja
   Returns:
     (a view (FloatView or QuantView) over [B, S', ...] keys, new cache or None). Without a cache
     the view is this call's K/V. A single-token call (decode) attends over the updated buffer. A
-    multi-token call attends over the old buffer plus its own K/V when the buffer is a ring
-    (which may overwrite slots that earlier queries of the same call still need), else over the
-    updated buffer.
+    multi-token call attends over the updated buffer when it is not a ring and has room for
+    the call, else over the old buffer plus its own K/V (`update_float`).
   """
   if cache is None:
     return FloatView(k, v, positions), None

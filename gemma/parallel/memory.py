@@ -56,12 +56,13 @@ def prefill_working_set(cfg: ModelConfig, batch: int, chunk: int, context: int, 
 
   Args:
     chunk: prompt tokens per prefill call (padded to its power-of-two bucket); context: cache
-      length; cache: the (abstract) cache, whose largest layer a multi-token call copies into
-      its K/V view; act_itemsize: bytes per activation (the params' float dtype).
+      length; cache: the (abstract) cache, whose ring-buffer (or TurboQuant) layers a
+      multi-token call copies into its K/V view; act_itemsize: bytes per activation (the
+      params' float dtype).
   Counted: the residual stream and its norms (4 x [B, T, D]), per-layer embeddings, q/k/v,
-  the view copy, attention buffers (blockwise: score blocks and accumulators; dense: [T, S]
-  scores and probabilities), the MLP's (or experts') hidden activations, the last position's
-  float32 logits.
+  the largest view copy, one [B, T, N, H] float32 buffer per layer, attention buffers
+  (blockwise: score blocks; dense: [T, S] scores and probabilities), the MLP's (or experts')
+  hidden activations, the last position's float32 logits; times a 4/3 margin.
   """
   data, model = sizes.get("data", 1), sizes.get("model", 1)
   b, t, a = -(-batch // data), _pow2(chunk), act_itemsize
@@ -105,6 +106,33 @@ def prefill_working_set(cfg: ModelConfig, batch: int, chunk: int, context: int, 
   return total * 4 // 3
 
 
+def _weights(params, cfg: ModelConfig, sizes: dict[str, int], ple_on_host: bool):
+  """(params as placed on the devices, their bytes per device, host bytes of an offloaded PLE
+  table): what does not depend on the context."""
+  host = 0
+  if ple_on_host:
+    if params.ple_embed is None:
+      raise ValueError(f"--ple-on-host: {cfg.name} has no per-layer embedding table")
+    host = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params.ple_embed))
+    params = dataclasses.replace(params, ple_embed=None)
+  weights = sharding.per_device_bytes(params, sharding.param_specs(params, sizes), sizes)
+  return params, weights, host
+
+
+def _context_bytes(params, cfg: ModelConfig, batch: int, context: int, kv_quant,
+                   sizes: dict[str, int], cache_dtype, prefill_chunk: int | None):
+  """(KV cache bytes, prefill working set bytes) per device for a cache of `context` columns."""
+  dtype = params.embed.dtype if cache_dtype is None else cache_dtype
+  cache = jax.eval_shape(lambda: init_cache(cfg, batch, context, dtype, kv_quant))
+  cache_bytes = sharding.per_device_bytes(cache, sharding.cache_specs(cache, sizes), sizes)
+  work = 0
+  if prefill_chunk is not None:
+    float_dtype = jax.tree.leaves(params.final_norm)[0].dtype
+    work = prefill_working_set(cfg, batch, min(prefill_chunk, context), context, cache,
+                               float_dtype.itemsize, sizes)
+  return cache_bytes, work
+
+
 def plan(params, cfg: ModelConfig, batch: int, context: int, kv_quant,
          sizes: dict[str, int], ple_on_host: bool = False, cache_dtype=None,
          prefill_chunk: int | None = None) -> MemoryPlan:
@@ -120,21 +148,9 @@ def plan(params, cfg: ModelConfig, batch: int, context: int, kv_quant,
     prefill_chunk: prompt tokens per prefill call, whose working set is counted
       (`prefill_working_set`); None: not counted.
   """
-  host = 0
-  if ple_on_host:
-    if params.ple_embed is None:
-      raise ValueError(f"--ple-on-host: {cfg.name} has no per-layer embedding table")
-    host = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params.ple_embed))
-    params = dataclasses.replace(params, ple_embed=None)
-  dtype = params.embed.dtype if cache_dtype is None else cache_dtype
-  cache = jax.eval_shape(lambda: init_cache(cfg, batch, context, dtype, kv_quant))
-  weights = sharding.per_device_bytes(params, sharding.param_specs(params, sizes), sizes)
-  cache_bytes = sharding.per_device_bytes(cache, sharding.cache_specs(cache, sizes), sizes)
-  work = 0
-  if prefill_chunk is not None:
-    float_dtype = jax.tree.leaves(params.final_norm)[0].dtype
-    work = prefill_working_set(cfg, batch, min(prefill_chunk, context), context, cache,
-                               float_dtype.itemsize, sizes)
+  params, weights, host = _weights(params, cfg, sizes, ple_on_host)
+  cache_bytes, work = _context_bytes(params, cfg, batch, context, kv_quant, sizes, cache_dtype,
+                                     prefill_chunk)
   return MemoryPlan(weights, cache_bytes, host, work)
 
 
@@ -143,8 +159,12 @@ def largest_context(params, cfg: ModelConfig, batch: int, kv_quant, sizes: dict[
                     prefill_chunk: int | None = None) -> int:
   """The longest cache (prompt + generated tokens) whose plan fits `limit_bytes` per device, up
   to cfg.max_position_embeddings; 0 when not even one token fits."""
-  fits = lambda n: plan(params, cfg, batch, n, kv_quant, sizes, ple_on_host, cache_dtype,  # noqa: E731
-                        prefill_chunk).total_bytes <= limit_bytes
+  params, weights, _ = _weights(params, cfg, sizes, ple_on_host)
+
+  def fits(n: int) -> bool:
+    return weights + sum(_context_bytes(params, cfg, batch, n, kv_quant, sizes, cache_dtype,
+                                        prefill_chunk)) <= limit_bytes
+
   lo, hi = 0, cfg.max_position_embeddings
   if fits(hi):
     return hi
