@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gemma.inference import decode
+from gemma.inference import decode, speculative
 from gemma.inference.decode import Runner, drain, runner
 from gemma.inference.evaluate import EvalResult, check_stride, evaluate
 from gemma.inference.sampling import Sampler
@@ -66,6 +66,9 @@ class Model:
   recipe: the quantization recipe of the weights (None: float).
   prefill_chunk: prompts (and chat turns) are prefilled in chunks of this many tokens against
     the cache (None: `gemma.inference.decode.DEFAULT_PREFILL_CHUNK`).
+  draft: speculative decoding for generation and chat (`gemma.inference.speculative`:
+    `speculative.Ngram(tokens=K)` or an MTP drafter from `speculative.make_draft(path)`);
+    None: off. The output is the same as without it.
   """
 
   cfg: ModelConfig
@@ -78,6 +81,7 @@ class Model:
   ple_on_host: bool = False
   recipe: Recipe | None = None
   prefill_chunk: int | None = None
+  draft: speculative.Draft | None = None
   _runner: Runner | None = dataclasses.field(default=None, init=False, repr=False)
 
   @property
@@ -151,7 +155,7 @@ class Model:
     if stream and (batch or self.tokenizer is None):
       raise ValueError("stream=True takes one prompt and a model with a tokenizer")
     steps = decode.prompt_steps(self.runner(), rows, max_new_tokens, sampler, seed, max_length,
-                                self.stop_ids, self.kv_quant, self.prefill_chunk)
+                                self.stop_ids, self.kv_quant, self.prefill_chunk, self.draft)
     finish = lambda value: completion(value[0], rows, self.tokenizer, self.stop_ids,  # noqa: E731
                                       batch)
     if stream:
@@ -159,13 +163,15 @@ class Model:
     return finish(drain(steps, on_token))
 
   def chat(self, system: str | None = None, thinking: bool = False,
-           max_length: int | None = None) -> ChatSession:
+           max_length: int | None = None, draft: speculative.Draft | None = None
+           ) -> ChatSession:
     """A chat session that keeps its KV cache between turns (`session.send(text)`); the
     template (Gemma 4 or Gemma 3) is the tokenizer's. Meaningful with instruction-tuned
-    (`-it`) checkpoints."""
+    (`-it`) checkpoints. `draft`: speculative decoding (default: the model's `draft`)."""
     return ChatSession(self.runner(), self._tokenizer_for("chat"), self.stop_ids, system=system,
                        thinking=thinking, kv_quant=self.kv_quant, max_length=max_length,
-                       prefill_chunk=self.prefill_chunk)
+                       prefill_chunk=self.prefill_chunk,
+                       draft=self.draft if draft is None else draft)
 
   # ------------------------------------------------------------------------------ scoring
   def logits(self, ids) -> np.ndarray:

@@ -9,7 +9,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from gemma.inference import decode  # noqa: E402
+from gemma.inference import speculative, steps  # noqa: E402
 from gemma.model import config as C  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -64,6 +64,7 @@ def _release_compiled_programs():
   hundreds of tests in one process; without this it keeps every executable (and its memory
   mappings) to the end, and late compilations in a long worker crashed in XLA."""
   yield
-  decode._compiled_prefill.cache_clear()
-  decode._compiled_decode.cache_clear()
+  steps._compiled_prefill.cache_clear()
+  steps._compiled_decode.cache_clear()
+  speculative._compiled_rounds.cache_clear()
   jax.clear_caches()

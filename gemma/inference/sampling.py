@@ -36,19 +36,18 @@ class Sampler:
     return self.temperature == 0
 
 
-def sample(logits: jax.Array, key: jax.Array, sampler: Sampler) -> jax.Array:
-  """Draws one token per row. logits: [B, V] float32 -> [B] int32."""
-  if sampler.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def filtered_logits(logits: jax.Array, sampler: Sampler) -> jax.Array:
+  """Logits [..., V] of the distribution `sample` draws from (temperature, top-k, top-p
+  applied; excluded tokens at the float32 minimum). Not for greedy samplers."""
   logits = logits.astype(jnp.float32) / sampler.temperature
   neg = jnp.finfo(jnp.float32).min
   if sampler.top_k:
     k = min(sampler.top_k, logits.shape[-1])
-    # [B, 1] the k-th largest logit; ties with it are kept
-    kth = jax.lax.top_k(logits, k)[0][:, -1:]
+    # [..., 1] the k-th largest logit; ties with it are kept
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
     logits = jnp.where(logits < kth, neg, logits)
   if sampler.top_p < 1:
-    # [B, V] descending
+    # [..., V] descending
     sorted_logits = -jnp.sort(-logits, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     # keep the smallest prefix whose mass reaches top_p (the first token always stays)
@@ -56,4 +55,18 @@ def sample(logits: jax.Array, key: jax.Array, sampler: Sampler) -> jax.Array:
     keep = before < sampler.top_p
     threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < threshold, neg, logits)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  return logits
+
+
+def probabilities(logits: jax.Array, sampler: Sampler) -> jax.Array:
+  """The distribution [..., V] float32 that `sample` draws from (one-hot argmax when greedy)."""
+  if sampler.greedy:
+    return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+  return jax.nn.softmax(filtered_logits(logits, sampler), axis=-1)
+
+
+def sample(logits: jax.Array, key: jax.Array, sampler: Sampler) -> jax.Array:
+  """Draws one token per row. logits: [B, V] float32 -> [B] int32."""
+  if sampler.greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(key, filtered_logits(logits, sampler), axis=-1).astype(jnp.int32)

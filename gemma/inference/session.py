@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gemma.inference import chat, decode
+from gemma.inference import chat, decode, speculative
 from gemma.inference.chat import Message
 from gemma.inference.decode import Runner, drain
 from gemma.inference.sampling import Sampler
@@ -35,8 +35,12 @@ class ChatSession:
 
   def __init__(self, run: Runner, tokenizer, stop_ids, *, system: str | None = None,
                thinking: bool = False, kv_quant: str | None = None,
-               max_length: int | None = None, prefill_chunk: int | None = None):
+               max_length: int | None = None, prefill_chunk: int | None = None,
+               draft=None):
     self.run, self.tokenizer, self.stop_ids = run, tokenizer, tuple(stop_ids)
+    self.draft = draft  # speculative decoding (`gemma.inference.speculative`), None: off
+    if draft is not None:
+      speculative.check_compatible(draft, run)
     self.template = chat.template_for(tokenizer)
     self.system, self.thinking, self.kv_quant = system, thinking, kv_quant
     self.prefill_chunk = prefill_chunk
@@ -94,7 +98,7 @@ class ChatSession:
     positions = np.arange(start, start + len(chunk), dtype=np.int32)[None]
     steps = decode.stream(self.run, self._cache, tokens, positions, max_new_tokens, sampler,
                           self._turns if seed is None else seed, self.stop_ids,
-                          self.prefill_chunk)
+                          self.prefill_chunk, self.draft, prompt[:start])
     self._cache = None  # donated to the steps; the finished turn hands back the new one
 
     def finish(value) -> Completion:
@@ -114,8 +118,9 @@ class ChatSession:
   def _room(self, needed: int):
     """The kept cache with room for `needed` columns (a new one on the first turn)."""
     size = min(self.max_length, max(MIN_CAPACITY, 1 << (needed - 1).bit_length()))
+    slack = 0 if self.draft is None else self.draft.tokens
     if self._cache is None:
-      return self.run.new_cache(1, size, self.kv_quant, self.prefill_chunk)
-    if needed > self._cache.max_length:
-      return self.run.grow_cache(self._cache, size, self.kv_quant, self.prefill_chunk)
+      return self.run.new_cache(1, size, self.kv_quant, self.prefill_chunk, slack)
+    if needed + slack > self._cache.max_length:
+      return self.run.grow_cache(self._cache, size, self.kv_quant, self.prefill_chunk, slack)
     return self._cache

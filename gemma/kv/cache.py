@@ -13,6 +13,8 @@ cache carries the shared rotations (`codec`); attention reads either through a v
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -22,7 +24,7 @@ from gemma.model.config import AttentionType, ModelConfig
 from gemma.model.params import pytree_dataclass
 
 __all__ = ["FloatView", "KVCache", "KVView", "LayerCache", "init_cache", "scatter",
-           "update_and_view"]
+           "rollback", "update_and_view"]
 
 
 LayerCache = FloatKV  # a float layer cache: k, v [B, S, K, H], pos [B, S]
@@ -44,19 +46,24 @@ class KVCache:
     return max(sizes)
 
 
-def cache_size(cfg: ModelConfig, layer: int, max_length: int) -> int:
+def cache_size(cfg: ModelConfig, layer: int, max_length: int, slack: int = 0) -> int:
+  """Slots of a layer's buffer: `max_length`, or the window for a sliding layer; `slack` more
+  for a speculative step that writes `slack` columns it may roll back (`rollback`)."""
   spec = cfg.layers[layer]
   if spec.attention is AttentionType.LOCAL:
-    return min(spec.window, max_length)
-  return max_length
+    return min(spec.window, max_length) + slack
+  return max_length + slack
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype=jnp.float32,
-               kv_quant: str | kv_quant_lib.KVQuant | None = None) -> KVCache:
+               kv_quant: str | kv_quant_lib.KVQuant | None = None, slack: int = 0) -> KVCache:
   """An empty cache for `batch` rows and up to `max_length` columns (prompt + generated).
 
   kv_quant: None (K/V in `dtype`), "bf16" / "f32" (K/V stored in that dtype), or a TurboQuant
   width of `gemma.kv.quant.KV_QUANTS` ("tq2", "tq2.5", "tq3", "tq3.5", "tq4").
+  slack: extra slots in every buffer (ring buffers and a TurboQuant recent window included) for
+  a speculative step's verified-then-rejected columns: written, then rolled back (`rollback`),
+  they never overwrite a token that is still attended to.
   """
   if isinstance(kv_quant, str) and kv_quant in kv_quant_lib.FLOAT_CACHES:
     dtype, kv_quant = kv_quant_lib.FLOAT_CACHES[kv_quant], None
@@ -66,10 +73,10 @@ def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype=jnp.float32,
     if ls.shares_kv:
       layers.append(None)
       continue
-    s = cache_size(cfg, ls.index, max_length)
+    s = cache_size(cfg, ls.index, max_length, slack)
     if spec is not None:
       layers.append(kv_quant_lib.init_layer(spec, batch, s, ls.num_kv_heads, ls.head_dim,
-                                            ls.index))
+                                            ls.index, slack))
       dims.add(kv_quant_lib.part_dims(spec, ls.head_dim))
       continue
     shape = (batch, s, ls.num_kv_heads, ls.head_dim)
@@ -104,3 +111,26 @@ def update_and_view(cache, codec: kv_quant_lib.Codec | None, k: jax.Array, v: ja
     return kv_quant_lib.update_and_view(cache, codec, k, v, positions, start, num_columns,
                                         scatter, q)
   return update_float(cache, k, v, positions, start, num_columns, ring)
+
+
+def rollback(cache: KVCache, columns: jax.Array, next_pos: jax.Array) -> KVCache:
+  """`cache` cut back to its first `columns` columns: every slot holding a position >= the
+  row's `next_pos` [B] is emptied (position -1, never attended) and the write pointer is set to
+  `columns`, so the next call overwrites the rolled-back slots. Masks come from positions alone,
+  so this is exact for float and TurboQuant caches, rings and a quantized cache's recent window
+  and sink (a cache made with enough `slack` has not overwritten anything still attended to).
+  """
+  def cut(pos):  # [B, S]
+    return jnp.where(pos >= next_pos[:, None], -1, pos)
+
+  def layer(c):
+    if c is None:
+      return None
+    if isinstance(c, kv_quant_lib.QuantLayerCache):
+      extra = {name: None if buf is None else dataclasses.replace(buf, pos=cut(buf.pos))
+               for name, buf in (("recent", c.recent), ("sink", c.sink))}
+      return dataclasses.replace(c, pos=cut(c.pos), **extra)
+    return dataclasses.replace(c, pos=cut(c.pos))
+
+  return KVCache(layers=tuple(layer(c) for c in cache.layers), length=columns,
+                 next_pos=next_pos, codec=cache.codec)

@@ -248,7 +248,9 @@ def _zeros_part(b, s, k, n, bits, qjl) -> PartCodes:
 
 
 def init_layer(spec: KVQuant, batch: int, slots: int, kv_heads: int, head_dim: int,
-               layer: int | None = None) -> QuantLayerCache:
+               layer: int | None = None, slack: int = 0) -> QuantLayerCache:
+  """An empty layer of `slots` slots; the recent window gets `slack` extra slots (for columns a
+  speculative step writes and rolls back: `gemma.kv.cache.rollback`)."""
   n = part_dims(spec, head_dim, layer)
   k = tuple(_zeros_part(batch, slots, kv_heads, n, spec.key_code_bits(b), spec.key_qjl)
             for b in spec.key_bits)
@@ -266,7 +268,8 @@ def init_layer(spec: KVQuant, batch: int, slots: int, kv_heads: int, head_dim: i
   return QuantLayerCache(k=k, v=v, pos=jnp.full((batch, slots), -1, jnp.int32), k_perm=perm(),
                          v_perm=perm(), k_mean=mean(), v_mean=mean(),
                          k_scale=jnp.ones(shape, jnp.float32) if spec.query_scaling else None,
-                         recent=exact(min(spec.recent, slots)), sink=exact(spec.sink))
+                         recent=exact(min(spec.recent + slack, slots) if spec.recent else 0),
+                         sink=exact(spec.sink))
 
 
 # ----------------------------------------------------------------------------- quantize

@@ -73,7 +73,7 @@ def decoder_layer(layer: Layer, h: jax.Array, positions: jax.Array, spec: LayerS
 
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig,
             cache: KVCache | None = None, num_columns: jax.Array | None = None,
-            logits_at: jax.Array | None = None):
+            logits_at: jax.Array | None = None, return_hidden: bool = False):
   """Runs the decoder over one chunk of tokens.
 
   Args:
@@ -84,8 +84,10 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelC
     cache: a KVCache to attend over and update, or None (attend within the chunk only).
     num_columns: [] int32 number of valid columns (the rest is bucket padding); default T.
     logits_at: [] int32 column whose logits to return as [B, V]; default all columns [B, T, V].
+    return_hidden: also return the final-normed hidden states the logits are read from
+      ([B, T, D] or [B, D]; what an MTP drafter takes as input).
   Returns:
-    (logits float32 [B, T, V] or [B, V], the updated cache or None)
+    (logits float32 [B, T, V] or [B, V], the updated cache or None[, hidden])
   """
   b, t = tokens.shape
   dtype = params.embed.dtype
@@ -109,12 +111,13 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelC
   spec_out = "btd,vd->btv" if h.ndim == 3 else "bd,vd->bv"
   logits = einsum(spec_out, h, params.embed, out_dtype=jnp.float32)
   logits = softcap(logits, cfg.final_softcap)
+  extra = (h,) if return_hidden else ()
   if cache is None:
-    return logits, None
+    return logits, None, *extra
   # Each row's next position follows its last valid token.
   valid = jnp.arange(t)[None, :] < num_columns
   last = jnp.max(jnp.where(valid, positions, -1), axis=1)
   next_pos = jnp.where(last >= 0, last + 1, cache.next_pos)
   new_cache = KVCache(layers=tuple(new_layers), length=cache.length + num_columns,
                       next_pos=next_pos, codec=cache.codec)
-  return logits, new_cache
+  return logits, new_cache, *extra
