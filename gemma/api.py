@@ -284,7 +284,8 @@ class Model:
 def load(path: str | Path, *, dtype=None, quant: Recipe | str | None = None,
          kv_quant: str | None = None, mesh: Mesh | str | None = None, ple_on_host: bool = False,
          preset: str | None = None, float_dtype=None, verify: bool = True,
-         require_tokenizer: bool = False, prefill_chunk: int | None = None) -> Model:
+         require_tokenizer: bool = False, prefill_chunk: int | None = None,
+         draft: str | speculative.Draft | None = None, draft_tokens: int | None = None) -> Model:
   """Loads any checkpoint (Hugging Face directory, .gguf file, official Orbax, converted).
 
   Args:
@@ -299,8 +300,11 @@ def load(path: str | Path, *, dtype=None, quant: Recipe | str | None = None,
     verify: check a converted checkpoint's arrays against their recorded CRC-32s.
     require_tokenizer: refuse, before reading any weight, a checkpoint without a tokenizer.
     prefill_chunk: prefill prompts in chunks of this many tokens (None: the default, 2048).
+    draft: speculative decoding for generate and chat: "ngram" (prompt lookup), the path of a
+      Gemma 4 MTP assistant checkpoint, or a drafter object; draft_tokens: K per round.
   """
   decode.chunk_size(prefill_chunk)  # a bad chunk size fails before any weight is read
+  speculative.check_draft_spec(draft, draft_tokens)  # before any weight is read
   dtype = default_dtype() if dtype is None else jnp.dtype(dtype)
   kv_quant = None if kv_quant is None else parse_kv_cache(kv_quant)
   if isinstance(mesh, str):
@@ -323,6 +327,10 @@ def load(path: str | Path, *, dtype=None, quant: Recipe | str | None = None,
   recipe = resolve(quant) if quant is not None else None
   if checkpoint.detect_format(path) == "converted":
     recipe = converted.read_recipe(path) or recipe
-  return Model(cfg, params, tokenizer, checkpoint.stop_ids(cfg, tokenizer), path=str(path),
-               kv_quant=kv_quant, mesh=mesh, ple_on_host=ple_on_host, recipe=recipe,
-               prefill_chunk=prefill_chunk)
+  model = Model(cfg, params, tokenizer, checkpoint.stop_ids(cfg, tokenizer), path=str(path),
+                kv_quant=kv_quant, mesh=mesh, ple_on_host=ple_on_host, recipe=recipe,
+                prefill_chunk=prefill_chunk)
+  model.draft = speculative.make_draft(draft, draft_tokens, cfg, params.embed.dtype)
+  if model.draft is not None:
+    speculative.check_compatible(model.draft, model.runner())
+  return model

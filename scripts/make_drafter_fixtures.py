@@ -349,7 +349,7 @@ def save_fixture(out_dir, target_name, target, drafter, prompt, prompt_seed, out
   diags = check_rounds(target, out_ids, rounds)
   locate_sliding(rounds, rec)
   window = drafter.config.get_text_config().sliding_window
-  for r, d in zip([r for r in rounds if r["calls"]], diags):
+  for r, d in zip([r for r in rounds if r["calls"]], diags, strict=True):
     # Spec checks. q1 = last position the producing target forward processed.
     q1, pos = r["producer_last_pos"], r["position"]
     assert d["full_len"] == min(pos, q1) + 1, (d, q1)
@@ -437,7 +437,7 @@ def save_fixture(out_dir, target_name, target, drafter, prompt, prompt_seed, out
              prompt_seed=prompt_seed, sizes=sizes, calls=len(calls),
              output=out_ids[PROMPT_LEN:].tolist())
   print(json.dumps({k: v for k, v in row.items() if k != "sizes"}))
-  for r, d in zip(drounds, diags):
+  for r, d in zip(drounds, diags, strict=True):
     vis_sl = np.nonzero(r["calls"][0]["visible"][L])[0]
     print(f"  round pos {r['position']}: drafts {[int(c['logits'].argmax()) for c in r['calls']]}"
           f" target {r['target_argmax'].tolist()} accepted {r['accepted']}; full len "
@@ -502,11 +502,12 @@ drafter calls, R = drafting rounds, B = target hidden 64, V = 512):
 
 def write_readme(out: Path, rows: list[dict]) -> None:
   """Describe the drafter fixtures and how they were generated."""
+  pattern = "".join("L" if t == L else "G" for t in DRAFTER_LAYERS)
   lines = [
     "# Gemma 4 MTP assistant (drafter) fixtures",
     "",
     "Tiny random-weight `Gemma4AssistantForCausalLM` drafters (model_type `gemma4_assistant`;"
-    f" text config: hidden {D}, 4 layers {'/'.join('L' if t == L else 'G' for t in DRAFTER_LAYERS)},"
+    f" text config: hidden {D}, 4 layers {pattern},"
     " 4 query heads, MLP 32, head dims / KV heads equal to the paired target's stored K/V, window"
     " 8, `final_logit_softcapping` 30 which the assistant forward never applies;"
     f" backbone_hidden_size 64) paired with the target fixtures `e_style` and `dense_keqv`, and"
@@ -539,12 +540,16 @@ def write_readme(out: Path, rows: list[dict]) -> None:
     " f32-vs-f64 noise | min margin | prompt seed |",
     "|---|---|---|---|---|---|---|---|---|---|",
   ]
+  note = ("A round is one target verification forward preceded by drafter calls. When only one"
+          " token of budget is left, HF runs a plain target step with no drafts: that step is not"
+          " a round here (its token is in `output_ids`).")
   for r in rows:
     lines.append(f"| `{r['name']}` | `{r['target']}` | {r['head']} | {K} | {r['rounds']} | "
                  f"{r['drafts']} | {r['accepted']} | {r['noise']:.2e} | {r['margin']:.3f} | "
                  f"{r['prompt_seed']} |")
   lines += ["", "Output ids (after the prompt), identical to the target's plain greedy output: "
             + "; ".join(f"`{r['name']}`: {r['output']}" for r in rows[::2]) + "."]
+  lines += ["", note]
   (out / "drafter_README.md").write_text("\n".join(lines) + "\n")
 
 

@@ -12,12 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma.inference import speculative
-from gemma.inference.decode import generate, left_pad
+from gemma.inference import mtp, speculative
+from gemma.inference.decode import bucket_inputs, generate, left_pad, prefill_step
 from gemma.inference.lookup import lookup
 from gemma.inference.sampling import Sampler, probabilities
 from gemma.io.checkpoint import load
 from gemma.kv.cache import init_cache, rollback
+from gemma.kv.view import FloatKV, update_float
 from gemma.model.params import init
 from gemma.quant.recipes import quantize_params
 from tests.conftest import FAMILIES, fixture_dir, tiny
@@ -105,21 +106,22 @@ def test_stop_id_ends_acceptance():
   assert got.tokens == want and got.tokens[0][-1] == stop
 
 
-def test_rollback_empties_rejected_slots():
+def test_rollback_and_stale_columns():
+  """Rollback moves the write pointer only; a multi-token call attending over a copy of the
+  old buffer drops the rolled-back entries it rewrites (no key twice)."""
   cfg = tiny("gemma4-31b")
   cache = init_cache(cfg, 2, 16, slack=3)
-  layer = next(c for c in cache.layers if c is not None)
-  layer = dataclasses.replace(layer, pos=jnp.asarray([[0, 1, 2, 3, 4] + [-1] * (
-      layer.pos.shape[1] - 5)] * 2))
-  cache = dataclasses.replace(cache, layers=(layer,) + cache.layers[1:],
-                              length=jnp.asarray(5, jnp.int32))
-  cut = rollback(cache, jnp.asarray(3, jnp.int32), jnp.asarray([3, 2], jnp.int32))
-  pos = np.asarray(cut.layers[0].pos)
-  assert pos[0, :5].tolist() == [0, 1, 2, -1, -1] and pos[1, :5].tolist() == [0, 1, -1, -1, -1]
-  assert int(cut.length) == 3 and np.asarray(cut.next_pos).tolist() == [3, 2]
   # every buffer has its slack
   assert all(c.pos.shape[1] in (16 + 3, cfg.sliding_window + 3)
              for c in cache.layers if c is not None)
+  cut = rollback(cache, jnp.asarray(3, jnp.int32), jnp.asarray([3, 2], jnp.int32))
+  assert int(cut.length) == 3 and np.asarray(cut.next_pos).tolist() == [3, 2]
+  ring = FloatKV(k=jnp.zeros((1, 6, 1, 2)), v=jnp.zeros((1, 6, 1, 2)),
+                 pos=jnp.asarray([[0, 1, 2, 3, 4, -1]], jnp.int32))  # 3, 4 rolled back
+  k = jnp.ones((1, 2, 1, 2))
+  view, new = update_float(ring, k, k, jnp.asarray([[3, 4]]), jnp.asarray(3), jnp.asarray(2))
+  assert np.asarray(view.pos).tolist() == [[0, 1, 2, -1, -1, -1, 3, 4]]
+  assert np.asarray(new.pos).tolist() == [[0, 1, 2, 3, 4, -1]]
 
 
 def test_prompt_lookup():
@@ -210,3 +212,50 @@ def test_bad_drafts_are_refused():
   cfg, params = load(fixture_dir("e_style"), jnp.float32)
   with pytest.raises(ValueError, match="ple-on-host"):
     generate(params, cfg, [PROMPT], 4, ple_on_host=True, draft=speculative.Ngram())
+
+
+DRAFTERS = ("drafter_e_style", "drafter_e_style_ordered", "drafter_dense_keqv",
+            "drafter_dense_keqv_ordered")
+
+
+@pytest.mark.parametrize("name", DRAFTERS)
+def test_mtp_drafter_matches_reference(name):
+  """Round by round against the reference's own assisted generation: every drafter call's
+  logits <= 1e-4 relative and its token, each round's accepted count and tokens, including
+  rounds after partial and full acceptances and the shorter rounds at the end of the budget."""
+  ref = np.load(fixture_dir(name) + "/reference.npz")
+  cfg, params = load(fixture_dir(str(ref["target"])), jnp.float32)
+  k = int(ref["num_assistant_tokens"])
+  draft = mtp.load_drafter(fixture_dir(name), tokens=k, rounds=1)
+  assert draft.config.ordered == (str(ref["head"]) == "ordered")
+  prompt = ref["prompt_ids"].astype(np.int32)[None]
+  total = int(ref["max_new_tokens"])
+  cache = init_cache(cfg, 1, prompt.shape[1] + total, slack=k)
+  logits, hidden, cache = prefill_step(params, *bucket_inputs(cfg, prompt, np.arange(
+      prompt.shape[1], dtype=np.int32)[None]), cache, cfg, hidden=True)
+  first = np.asarray(jnp.argmax(logits, -1), np.int32)
+  state = speculative.SpecState(
+      cache=cache, last=jnp.asarray(first), hidden=hidden, done=jnp.zeros(1, bool),
+      bad=jnp.zeros(1, bool), history=jnp.asarray(speculative.initial_history(
+          prompt, np.zeros_like(prompt), first, cache.max_length + k + 2)))
+  out = [int(first[0])]
+  stop = jnp.zeros((0,), jnp.int32)
+  for r in range(len(ref["round_position"])):
+    assert int(state.cache.next_pos[0]) == int(ref["round_position"][r])
+    calls = np.flatnonzero(ref["call_round"] == r)
+    drafts, dlogits = draft.draft(draft.params, params, state, cfg)
+    want = ref["call_logits"][calls]
+    got = np.asarray(dlogits[0, :len(calls)])
+    assert np.abs(got - want).max() / np.abs(want).max() <= 1e-4, r
+    assert np.asarray(drafts[0, :len(calls)]).tolist() == ref["call_token"][calls].tolist()
+    state, buf, count, stats = speculative.rounds_step(
+        params, draft.params, state, jax.random.key(0), stop,
+        jnp.asarray(total - len(out), jnp.int32), cfg=cfg, sampler=Sampler(), draft=draft)
+    assert int(count) == int(ref["round_appended"][r]), r
+    assert int(stats.accepted) == int(ref["round_accepted"][r]), r
+    out += np.asarray(buf[0, :int(count)]).tolist()
+  want = ref["output_ids"][prompt.shape[1]:].tolist()
+  assert len(out) >= total - 1 and out == want[:len(out)]  # the last step may be a plain one
+  got = generate(params, cfg, [prompt[0].tolist()], total, eos_ids=(), draft=draft)
+  assert got.tokens[0] == ref["output_ids"][prompt.shape[1]:].tolist()
+  assert got.acceptance_rate > 0.1

@@ -108,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     distributed.add_flags(p)
   for p in (gen, ch):
     common.add_prefill_chunk(p)
+    common.add_draft(p)
   for p in (gen, ch, lg):
     p.add_argument("--ple-on-host", action="store_true", help="keep the per-layer-embedding "
                    "table in host memory; send each step only its tokens' rows (E2B/E4B)")

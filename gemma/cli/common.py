@@ -69,6 +69,14 @@ def add_prefill_chunk(p) -> None:
                  "set independent of the prompt's length; default 2048)")
 
 
+def add_draft(p) -> None:
+  p.add_argument("--draft", default=None, metavar="ngram|PATH",
+                 help="speculative decoding: 'ngram' (prompt lookup, any checkpoint) or the path "
+                 "of a Gemma 4 MTP assistant checkpoint; the output is unchanged")
+  p.add_argument("--draft-tokens", type=int, default=None, metavar="K",
+                 help="tokens drafted per round (default 4 for ngram, 2 for an MTP drafter)")
+
+
 def add_chat(p) -> None:
   p.add_argument("--system", default=None, help="system prompt of the chat")
   p.add_argument("--thinking", action="store_true", help="Gemma 4 thinking mode")
@@ -118,4 +126,6 @@ def load_model(args, quantize: bool = True, dtype=None,
                     ple_on_host=getattr(args, "ple_on_host", False),
                     verify=getattr(args, "verify", True),
                     require_tokenizer=require_tokenizer,
-                    prefill_chunk=getattr(args, "prefill_chunk", None))
+                    prefill_chunk=getattr(args, "prefill_chunk", None),
+                    draft=getattr(args, "draft", None),
+                    draft_tokens=getattr(args, "draft_tokens", None))

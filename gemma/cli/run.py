@@ -54,7 +54,9 @@ def cmd_generate(args) -> int:
              prefill_tokens_per_s=c.prefill_tokens_per_s,
              decode_tokens_per_s=c.decode_tokens_per_s, compile_s=c.compile_s,
              dtype=str(model.dtype), model=model.name, kv_quant=args.kv_quant,
-             kv_cache_bytes=c.kv_cache_bytes)
+             kv_cache_bytes=c.kv_cache_bytes, draft=c.draft, draft_tokens=c.draft_tokens,
+             acceptance_rate=c.acceptance_rate,
+             mean_accepted_per_step=c.mean_accepted_per_step)
   if c.text is not None:
     out["text"] = c.text
   if not main_process:
@@ -62,8 +64,10 @@ def cmd_generate(args) -> int:
   if args.json:
     print(json.dumps(out))
   else:
+    drafts = (f", {c.draft} drafts of {c.draft_tokens}: {100 * c.acceptance_rate:.0f} % kept, "
+              f"{1 + c.mean_accepted_per_step:.2f} tokens per step" if c.draft else "")
     print(f"\n[prefill {c.prefill_tokens_per_s:.1f} tok/s, decode {c.decode_tokens_per_s:.1f} "
-          f"tok/s, compile {c.compile_s:.1f} s]")
+          f"tok/s, compile {c.compile_s:.1f} s{drafts}]")
   return 0
 
 

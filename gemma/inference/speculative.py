@@ -32,12 +32,14 @@ import dataclasses
 import functools
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma.inference import mtp
 from gemma.inference.lookup import lookup
 from gemma.inference.sampling import Sampler, probabilities
 from gemma.inference.steps import (
@@ -149,20 +151,24 @@ def _verify(params: Params, state: SpecState, drafts: jax.Array, key: jax.Array,
   """
   cache = state.cache
   k = drafts.shape[1]
-  # [B, k+1] tokens and their positions
+  # [] drafts this round may use: one token of the budget is the target's own
+  usable = jnp.clip(remaining - 1, 0, k).astype(jnp.int32)
+  # [B, k+1] tokens and their positions; columns past `usable` are padding (not written)
   tokens = jnp.concatenate([state.last[:, None], drafts], axis=1)
-  positions = cache.next_pos[:, None] + jnp.arange(k + 1, dtype=jnp.int32)[None, :]
-  logits, new_cache, *h = forward(params, tokens, positions, cfg, cache, return_hidden=hidden)
+  col = jnp.arange(k + 1, dtype=jnp.int32)[None, :]
+  positions = jnp.where(col <= usable, cache.next_pos[:, None] + col, -1)
+  logits, new_cache, *h = forward(params, tokens, positions, cfg, cache, num_columns=usable + 1,
+                                  return_hidden=hidden)
   running = ~state.done
-  bad = state.bad | (running & ~jnp.all(jnp.isfinite(logits), axis=(1, 2)))
+  finite = jnp.all(jnp.isfinite(logits) | (col > usable)[..., None], axis=(1, 2))
+  bad = state.bad | (running & ~finite)
   out, kept = accept(logits, drafts, key, sampler)
   # [B] cut after a stop id
   is_stop = jnp.isin(out, stop)
   first_stop = jnp.where(jnp.any(is_stop, axis=1), jnp.argmax(is_stop, axis=1), k)
   kept = jnp.minimum(kept, first_stop)
   # [] columns kept by every running row, within the budget (n + 1 tokens are emitted)
-  n = jnp.min(jnp.where(running, kept, k))
-  n = jnp.minimum(n, remaining - 1).astype(jnp.int32)
+  n = jnp.minimum(jnp.min(jnp.where(running, kept, k)), usable).astype(jnp.int32)
   emitted = jnp.arange(k + 1)[None, :] <= n
   done = state.done | jnp.any(is_stop & emitted, axis=1)
   new_cache = rollback(new_cache, cache.length + n + 1, cache.next_pos + n + 1)
@@ -170,7 +176,7 @@ def _verify(params: Params, state: SpecState, drafts: jax.Array, key: jax.Array,
   new_hidden = jax.lax.dynamic_index_in_dim(h[0], n, axis=1, keepdims=False) if hidden else None
   new = SpecState(cache=new_cache, last=jax.lax.dynamic_index_in_dim(out, n, 1, False),
                   history=history, hidden=new_hidden, done=done, bad=bad)
-  return new, out, n
+  return new, out, n, usable
 
 
 def _round(params, draft_params, state: SpecState, key, stop, remaining, cfg, sampler, draft):
@@ -183,12 +189,12 @@ def _round(params, draft_params, state: SpecState, key, stop, remaining, cfg, sa
                              cfg=cfg, sampler=sampler, hidden=draft.needs_hidden)
 
   def speculate():
-    new, out, n = verify(drafts)
+    new, out, n, usable = verify(drafts)
     rows = jnp.sum(running).astype(jnp.int32)
-    return new, out, n, RoundStats(jnp.ones((), jnp.int32), rows * k, rows * n)
+    return new, out, n, RoundStats(jnp.ones((), jnp.int32), rows * usable, rows * n)
 
   def plain():
-    new, out, n = verify(drafts[:, :0])
+    new, out, n, _ = verify(drafts[:, :0])
     zero = jnp.zeros((), jnp.int32)
     return new, jnp.pad(out, ((0, 0), (0, k))), n, RoundStats(jnp.ones((), jnp.int32), zero, zero)
 
@@ -248,6 +254,37 @@ def check_compatible(draft, run: Runner) -> None:
   check = getattr(draft, "check", None)
   if check is not None:
     check(run.cfg)
+
+
+DEFAULT_TOKENS = {"ngram": 4, "mtp": 2}
+
+
+def check_draft_spec(draft, tokens: int | None) -> None:
+  """Refuses a bad --draft / --draft-tokens before any weight is read."""
+  if tokens is not None and (draft is None or not isinstance(tokens, int) or tokens < 1):
+    raise ValueError(f"--draft-tokens must be an integer >= 1 and needs --draft, got {tokens!r}")
+  if isinstance(draft, str) and draft != "ngram" and not Path(draft).exists():
+    raise FileNotFoundError(f"--draft {draft}: neither 'ngram' nor an existing drafter "
+                            "checkpoint")
+
+
+def make_draft(draft, tokens: int | None, cfg: ModelConfig, dtype=jnp.float32):
+  """The drafter of a --draft value: None, "ngram" (`Ngram`), the path of a Gemma 4 MTP
+  assistant checkpoint (`gemma.inference.mtp.load_drafter`), or a drafter (returned as it is,
+  with `tokens` applied). Checked against the target `cfg`."""
+  check_draft_spec(draft, tokens)
+  if draft is None:
+    return None
+  if draft == "ngram":
+    return Ngram(tokens=tokens or DEFAULT_TOKENS["ngram"])
+  if isinstance(draft, str | Path):
+    made = mtp.load_drafter(draft, tokens or DEFAULT_TOKENS["mtp"], dtype)
+  else:
+    made = draft if tokens is None else dataclasses.replace(draft, tokens=tokens)
+  check = getattr(made, "check", None)
+  if check is not None:
+    check(cfg)
+  return made
 
 
 def initial_history(tokens: np.ndarray, positions: np.ndarray, first: np.ndarray,
@@ -335,5 +372,6 @@ def stream(run: Runner, cache: KVCache, tokens: np.ndarray, positions: np.ndarra
   return result, state.cache
 
 
-__all__ = ["Draft", "Ngram", "RoundStats", "SpecState", "accept", "check_compatible",
-           "initial_history", "rounds_step", "stream"]
+__all__ = ["DEFAULT_TOKENS", "Draft", "Ngram", "RoundStats", "SpecState", "accept",
+           "check_compatible", "check_draft_spec", "initial_history", "make_draft",
+           "rounds_step", "stream"]

@@ -25,6 +25,10 @@ class Completion:
   prompt_ids: list[int] | list[list[int]]
   compile_s: float
   kv_cache_bytes: int
+  draft: str | None = None  # speculative decoding's drafter ("ngram", "mtp"), None: off
+  draft_tokens: int = 0  # K drafts per round
+  acceptance_rate: float = 0.0  # kept draft tokens / proposed (`Generation.acceptance_rate`)
+  mean_accepted_per_step: float = 0.0  # kept drafts per target step (+1 token of its own)
 
 
 def strip_stop(ids: list[int], stop_ids) -> list[int]:
@@ -42,7 +46,9 @@ def completion(result: Generation, prompts: list[list[int]], tokenizer, stop_ids
                     prefill_tokens_per_s=result.prefill_tokens_per_s,
                     decode_tokens_per_s=result.decode_tokens_per_s,
                     prompt_ids=one([list(p) for p in prompts]), compile_s=result.compile_s,
-                    kv_cache_bytes=result.kv_cache_bytes)
+                    kv_cache_bytes=result.kv_cache_bytes, draft=result.draft,
+                    draft_tokens=result.draft_tokens, acceptance_rate=result.acceptance_rate,
+                    mean_accepted_per_step=result.mean_accepted_per_step)
 
 
 class Detokenizer:

@@ -24,7 +24,7 @@ from gemma.model.config import AttentionType, ModelConfig
 from gemma.model.params import pytree_dataclass
 
 __all__ = ["FloatView", "KVCache", "KVView", "LayerCache", "init_cache", "scatter",
-           "rollback", "update_and_view"]
+           "rollback", "update_and_view", "view_of"]
 
 
 LayerCache = FloatKV  # a float layer cache: k, v [B, S, K, H], pos [B, S]
@@ -113,24 +113,27 @@ def update_and_view(cache, codec: kv_quant_lib.Codec | None, k: jax.Array, v: ja
   return update_float(cache, k, v, positions, start, num_columns, ring)
 
 
+def view_of(layer, codec: kv_quant_lib.Codec | None) -> KVView:
+  """What a query reads from one layer's stored cache (float or TurboQuant), unchanged: an MTP
+  drafter attends to the target's cache through it."""
+  if isinstance(layer, kv_quant_lib.QuantLayerCache):
+    exact = lambda b: None if b is None else FloatView(b.k, b.v, b.pos)  # noqa: E731
+    return kv_quant_lib.QuantView(k=layer.k, v=layer.v, pos=layer.pos, k_perm=layer.k_perm,
+                                  v_perm=layer.v_perm, k_mean=layer.k_mean,
+                                  v_mean=layer.v_mean, k_scale=layer.k_scale, codec=codec,
+                                  recent=exact(layer.recent), sink=exact(layer.sink))
+  return FloatView(layer.k, layer.v, layer.pos)
+
+
 def rollback(cache: KVCache, columns: jax.Array, next_pos: jax.Array) -> KVCache:
-  """`cache` cut back to its first `columns` columns: every slot holding a position >= the
-  row's `next_pos` [B] is emptied (position -1, never attended) and the write pointer is set to
-  `columns`, so the next call overwrites the rolled-back slots. Masks come from positions alone,
-  so this is exact for float and TurboQuant caches, rings and a quantized cache's recent window
-  and sink (a cache made with enough `slack` has not overwritten anything still attended to).
+  """`cache` cut back to `columns` columns, its rows' next positions `next_pos` [B]: the write
+  pointer moves back, nothing is erased. A rolled-back column keeps its slot and position until
+  the next call overwrites it (the call writes the same columns); until then no query of the
+  target sees it: later positions are causally invisible, and a multi-token call that attends
+  over a copy of the old buffer drops old entries at or after its first position
+  (`gemma.kv.view.drop_stale`). Exact for float and TurboQuant caches, rings and a quantized
+  cache's recent window and sink, given `slack` slots (nothing still attended is overwritten).
+  An MTP drafter reads the rolled-back K/V, as the reference's assistant does.
   """
-  def cut(pos):  # [B, S]
-    return jnp.where(pos >= next_pos[:, None], -1, pos)
+  return dataclasses.replace(cache, length=columns, next_pos=next_pos)
 
-  def layer(c):
-    if c is None:
-      return None
-    if isinstance(c, kv_quant_lib.QuantLayerCache):
-      extra = {name: None if buf is None else dataclasses.replace(buf, pos=cut(buf.pos))
-               for name, buf in (("recent", c.recent), ("sink", c.sink))}
-      return dataclasses.replace(c, pos=cut(c.pos), **extra)
-    return dataclasses.replace(c, pos=cut(c.pos))
-
-  return KVCache(layers=tuple(layer(c) for c in cache.layers), length=columns,
-                 next_pos=next_pos, codec=cache.codec)

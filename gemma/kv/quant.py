@@ -44,7 +44,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma.kv.view import FloatKV, FloatView, attend_query_blocks, causal_mask, update_float
+from gemma.kv.view import (
+    FloatKV,
+    FloatView,
+    attend_query_blocks,
+    causal_mask,
+    drop_stale,
+    update_float,
+)
 from gemma.model.params import pytree_dataclass
 from gemma.quant import codebook
 from gemma.quant.rotation import gaussian_np, haar_np
@@ -554,8 +561,8 @@ def update_and_view(cache: QuantLayerCache, codec: Codec, k: jax.Array, v: jax.A
   slot_major = lambda c: (c.k, c.v, c.pos)  # noqa: E731
   stored = QuantLayerCache(*write(slot_major(cache), slot_major(new), start, num_columns),
                            **fixed, recent=recent, sink=sink)
-  src = stored if k.shape[1] == 1 else QuantLayerCache(
-      *_concat(slot_major(cache), slot_major(new)), **fixed)
+  old = (cache.k, cache.v, drop_stale(cache.pos, new.pos, num_columns))
+  src = stored if k.shape[1] == 1 else QuantLayerCache(*_concat(old, slot_major(new)), **fixed)
   return QuantView(k=src.k, v=src.v, pos=src.pos, codec=codec, recent=recent_view,
                    sink=sink_view, **fixed), stored
 

@@ -105,6 +105,16 @@ def scatter(old, new, start: jax.Array, num_columns: jax.Array):
   return jax.tree.map(lambda o, n: o.at[:, slots].set(n.astype(o.dtype), mode="drop"), old, new)
 
 
+def drop_stale(old_pos: jax.Array, positions: jax.Array, num_columns: jax.Array) -> jax.Array:
+  """Positions [B, S] of an old buffer as a multi-token call sees them beside its own K/V: an
+  entry at or after the call's first position is a rolled-back column
+  (`gemma.kv.cache.rollback`) that the call rewrites, so it is dropped (-1).
+  positions: [B, T] of the call (-1 padding); columns >= num_columns are bucket padding."""
+  valid = (positions >= 0) & (jnp.arange(positions.shape[1])[None, :] < num_columns)
+  first = jnp.min(jnp.where(valid, positions, jnp.iinfo(jnp.int32).max), axis=1)
+  return jnp.where(old_pos >= first[:, None], -1, old_pos)
+
+
 def update_float(cache: FloatKV, k: jax.Array, v: jax.Array, positions: jax.Array,
                  start: jax.Array, num_columns: jax.Array,
                  ring: bool = True) -> tuple[FloatView, FloatKV]:
@@ -122,6 +132,7 @@ def update_float(cache: FloatKV, k: jax.Array, v: jax.Array, positions: jax.Arra
   new = FloatKV(*scatter((cache.k, cache.v, cache.pos), (k, v, positions), start, num_columns))
   if k.shape[1] == 1 or (not ring and cache.k.shape[1] >= k.shape[1]):
     return FloatView(new.k, new.v, new.pos), new
+  old_pos = drop_stale(cache.pos, positions, num_columns)
   view = FloatView(jnp.concatenate([cache.k, k], axis=1), jnp.concatenate([cache.v, v], axis=1),
-                   jnp.concatenate([cache.pos, positions], axis=1))
+                   jnp.concatenate([old_pos, positions], axis=1))
   return view, new
