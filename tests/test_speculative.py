@@ -6,6 +6,7 @@ advance), prompt lookup, the cache rollback, and errors."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from gemma.inference.sampling import Sampler, probabilities
 from gemma.io.checkpoint import load
 from gemma.kv.cache import init_cache, rollback
 from gemma.kv.view import FloatKV, update_float
+from gemma.model import config as C
 from gemma.model.params import init
 from gemma.quant.recipes import quantize_params
 from tests.conftest import FAMILIES, fixture_dir, tiny
@@ -76,7 +78,7 @@ def _check_identical(params, cfg, prompts, n=16, kv_quant=None, drafts=(2, 4), *
 def test_greedy_identical_every_family(family):
   cfg, params = load(fixture_dir(family), jnp.float32)
   # a left-padded batch; the fixtures' sliding window (8) wraps many times
-  _check_identical(params, cfg, [PROMPT, SHORT], n=20)
+  _check_identical(params, cfg, [PROMPT, SHORT], n=20, drafts=(3,))
 
 
 def test_greedy_identical_e_style_one_row():
@@ -87,13 +89,12 @@ def test_greedy_identical_e_style_one_row():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kv", ["tq4", "tq3.5+r4", "bf16"])
+@pytest.mark.parametrize("kv", ["tq4", "tq3.5+r4"])
 def test_greedy_identical_quantized_weights_and_cache(kv):
   cfg = tiny("gemma4-e2b", head_dim=64, global_head_dim=128)  # TurboQuant needs H % 64 == 0
-  params = init(jax.random.PRNGKey(1), cfg, jnp.float32, std=0.3)
+  params = quantize_params(init(jax.random.PRNGKey(1), cfg, jnp.float32, std=0.3), "tq4")
   prompt = [2] + [(5 * i) % 90 + 3 for i in range(12)] * 3
-  for p in (params, quantize_params(params, "tq4")):
-    _check_identical(p, cfg, [prompt, prompt[:20]], n=16, kv_quant=kv, drafts=(3,))
+  _check_identical(params, cfg, [prompt, prompt[:20]], n=16, kv_quant=kv, drafts=(3,))
 
 
 def test_stop_id_ends_acceptance():
@@ -259,3 +260,70 @@ def test_mtp_drafter_matches_reference(name):
   got = generate(params, cfg, [prompt[0].tolist()], total, eos_ids=(), draft=draft)
   assert got.tokens[0] == ref["output_ids"][prompt.shape[1]:].tolist()
   assert got.acceptance_rate > 0.1
+
+
+def _fitting_drafter(cfg, seed=0, ordered=False, tokens=3):
+  """A random drafter shaped for `cfg` (hidden 24, 2 layers: sliding and full)."""
+  kinds = (C.AttentionType.LOCAL, C.AttentionType.GLOBAL)
+  mcfg = mtp.assistant_config(cfg, hidden=24, ffn=32, heads=4, ordered=ordered,
+                              num_centroids=16, centroid_top_k=4, layer_types=kinds)
+  return mtp.random_drafter(mcfg, jax.random.key(seed), tokens=tokens, rounds=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["e_style", "dense_keqv", "moe"])
+def test_mtp_greedy_identical_every_family(family):
+  cfg, params = load(fixture_dir(family), jnp.float32)
+  want = generate(params, cfg, [PROMPT, SHORT], 16, eos_ids=())
+  draft = _fitting_drafter(cfg, ordered=family == "e_style")
+  got = generate(params, cfg, [PROMPT, SHORT], 16, eos_ids=(), draft=draft)
+  assert got.tokens == want.tokens and got.draft == "mtp"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv", ["tq4", "tq3.5+r4"])
+def test_mtp_greedy_identical_quantized(kv):
+  cfg = tiny("gemma4-e2b", head_dim=64, global_head_dim=128)  # TurboQuant needs H % 64 == 0
+  params = quantize_params(init(jax.random.PRNGKey(1), cfg, jnp.float32, std=0.3), "tq4")
+  prompt = [2] + [(5 * i) % 90 + 3 for i in range(12)] * 3
+  want = generate(params, cfg, [prompt], 16, eos_ids=(), kv_quant=kv)
+  got = generate(params, cfg, [prompt], 16, eos_ids=(), kv_quant=kv,
+                 draft=_fitting_drafter(cfg))
+  assert got.tokens == want.tokens
+
+
+def test_drafter_of_another_target_is_refused():
+  cfg, params = load(fixture_dir("e_style"), jnp.float32)
+  other = load(fixture_dir("dense_keqv"), jnp.float32)[0]
+  with pytest.raises(ValueError, match="another model size|head size"):
+    generate(params, cfg, [PROMPT], 4, draft=_fitting_drafter(other))
+  small_vocab = dataclasses.replace(cfg, vocab_size=256)
+  with pytest.raises(ValueError, match="vocabulary 256"):
+    generate(params, cfg, [PROMPT], 4, draft=_fitting_drafter(small_vocab))
+  with pytest.raises(ValueError, match="no assistant preset"):
+    mtp.assistant_preset("gemma3-270m")
+  for name in ("gemma4-e2b", "gemma4-e4b", "gemma4-26b-a4b", "gemma4-31b"):
+    mtp.check_target(mtp.assistant_preset(name), C.get_preset(name))
+
+
+def test_cli_draft_flags_and_json(tmp_path, capsys):
+  from gemma.cli import app as cli
+  base = ["generate", "--checkpoint", fixture_dir("e_style"), "--prompt-ids",
+          ",".join(map(str, PROMPT)), "--max-new-tokens", "10", "--json"]
+  assert cli.main(base) == 0
+  plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert plain["draft"] is None and plain["draft_tokens"] == 0
+  for extra in (["--draft", "ngram", "--draft-tokens", "3"],
+                ["--draft", fixture_dir("drafter_e_style")]):
+    assert cli.main([*base, *extra]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["token_ids"] == plain["token_ids"]
+    assert out["draft"] in ("ngram", "mtp") and out["draft_tokens"] in (3, 2)
+    assert 0 <= out["acceptance_rate"] <= 1 and out["mean_accepted_per_step"] >= 0
+    assert out["decode_tokens_per_s"] > 0
+  for bad, msg in ((["--draft-tokens", "3"], "needs --draft"),
+                   (["--draft", str(tmp_path / "none")], "neither 'ngram'"),
+                   (["--draft", "ngram", "--draft-tokens", "0"], ">= 1"),
+                   (["--draft", fixture_dir("drafter_dense_keqv")], "does not fit the target")):
+    assert cli.main([*base, *bad]) == 2
+    assert msg in capsys.readouterr().err

@@ -36,7 +36,7 @@ from gemma.io.formats import hf
 from gemma.io.formats.common import CheckpointError, Skip, assemble
 from gemma.io.formats.hf_config import from_hf_config
 from gemma.kv.cache import view_of
-from gemma.model.config import AttentionType, ModelConfig
+from gemma.model.config import AttentionType, ModelConfig, get_preset
 from gemma.model.layers import einsum, rms_norm
 from gemma.model.params import Params, init, pytree_dataclass
 from gemma.model.transformer import decoder_layer, embed
@@ -216,6 +216,41 @@ def check_target(mcfg: MtpConfig, cfg: ModelConfig) -> None:
                       f"size {s.head_dim} and {s.num_kv_heads} KV heads")
   if problems:
     raise ValueError("this MTP drafter does not fit the target: " + "; ".join(problems))
+
+
+def assistant_config(target: ModelConfig, *, hidden: int, ffn: int, heads: int,
+                     ordered: bool = False, num_centroids: int = 2048, centroid_top_k: int = 32,
+                     layer_types: tuple[AttentionType, ...] | None = None,
+                     name: str | None = None) -> MtpConfig:
+  """A drafter shaped for `target`: its head sizes, KV heads, k_eq_v, windows, RoPE and
+  vocabulary, and the released assistants' layout (sliding, sliding, sliding, full)."""
+  local, full = AttentionType.LOCAL, AttentionType.GLOBAL
+  types = layer_types or (local, local, local, full)
+  text = DrafterTextConfig(
+      name=name or f"{target.name}-assistant", vocab_size=target.vocab_size, embed_dim=hidden,
+      num_layers=len(types), num_heads=heads, num_kv_heads=target.num_kv_heads,
+      head_dim=target.head_dim, ffn_dim=ffn, layer_types=types,
+      sliding_window=target.sliding_window, rope_local=target.rope_local,
+      rope_global=target.rope_global, global_head_dim=target.global_head_dim,
+      num_global_kv_heads=target.num_global_kv_heads, k_eq_v=target.k_eq_v,
+      final_softcap=None, rms_eps=target.rms_eps,
+      max_position_embeddings=target.max_position_embeddings)
+  return MtpConfig(text=text, backbone_dim=target.embed_dim, ordered=ordered,
+                   num_centroids=num_centroids, centroid_top_k=centroid_top_k)
+
+
+def assistant_preset(target: str) -> MtpConfig:
+  """The released assistant of a target preset (`google/gemma-4-<size>-it-assistant`). Sizes
+  as published for the four assistants (hidden, MLP width, heads; E2B/E4B with the centroid
+  head, 2048 centroids, top 32): not read from the official config files, which were not
+  available offline; `load_drafter` reads a real checkpoint's own config."""
+  sizes = {"gemma4-e2b": (256, 2048, 4, True), "gemma4-e4b": (256, 2048, 4, True),
+           "gemma4-26b-a4b": (1024, 8192, 16, False), "gemma4-31b": (1024, 8192, 32, False)}
+  if target not in sizes:
+    raise ValueError(f"no assistant preset for {target!r}; presets: {', '.join(sizes)}")
+  hidden, ffn, heads, ordered = sizes[target]
+  return assistant_config(get_preset(target), hidden=hidden, ffn=ffn, heads=heads,
+                          ordered=ordered)
 
 
 # ------------------------------------------------------------------------------- loading
