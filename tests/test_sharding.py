@@ -169,15 +169,15 @@ def test_logits_cli_with_a_mesh_matches(tmp_path):
 
 
 def test_generate_refuses_a_run_that_cannot_fit(monkeypatch):
-  from gemma.inference import decode
+  from gemma.inference import decode, steps
   from tests.conftest import tiny
 
   cfg = tiny("gemma4-31b")
   p = Params.init(jax.random.key(0), cfg)
-  monkeypatch.setattr(decode, "device_memory_limit", lambda: 10_000)
+  monkeypatch.setattr(steps, "device_memory_limit", lambda: 10_000)
   with pytest.raises(ValueError, match="does not fit the device.*gemma4 plan"):
     decode.generate(p, cfg, [[2, 5, 7]], 4)
-  monkeypatch.setattr(decode, "device_memory_limit", lambda: 1 << 30)
+  monkeypatch.setattr(steps, "device_memory_limit", lambda: 1 << 30)
   assert len(decode.generate(p, cfg, [[2, 5, 7]], 4).tokens[0]) == 4
 
 
@@ -185,7 +185,7 @@ def test_generate_refuses_a_run_that_cannot_fit(monkeypatch):
 def test_check_fits_refuses_as_generate_does(monkeypatch):
   """memory.check_fits raises decode.check_memory's message; plan() and `gemma4 plan` agree."""
   from gemma.cli.scale import plan
-  from gemma.inference import decode
+  from gemma.inference import decode, steps
   from gemma.parallel import memory
   from tests.conftest import tiny
 
@@ -194,7 +194,7 @@ def test_check_fits_refuses_as_generate_does(monkeypatch):
   mesh = sharding.make_mesh("1x1")
   for m in (None, mesh):
     for kv in (None, "bf16", "tq3"):
-      monkeypatch.setattr(decode, "device_memory_limit", lambda: 10_000)
+      monkeypatch.setattr(steps, "device_memory_limit", lambda: 10_000)
       with pytest.raises(ValueError) as want:
         decode.check_memory(p, cfg, 2, 64, kv, m)
       with pytest.raises(ValueError) as got:
