@@ -327,3 +327,13 @@ def test_cli_draft_flags_and_json(tmp_path, capsys):
                    (["--draft", fixture_dir("drafter_dense_keqv")], "does not fit the target")):
     assert cli.main([*base, *bad]) == 2
     assert msg in capsys.readouterr().err
+
+
+def test_streaming_with_drafts(e_style_ckpt):
+  import gemma
+  model = gemma.load(e_style_ckpt, draft="ngram", draft_tokens=3)
+  plain = gemma.load(e_style_ckpt).generate("hello hello hello", max_new_tokens=12)
+  pieces = model.generate("hello hello hello", max_new_tokens=12, stream=True)
+  text = "".join(pieces)
+  assert text == pieces.completion.text == plain.text
+  assert pieces.completion.token_ids == plain.token_ids and pieces.completion.draft == "ngram"
