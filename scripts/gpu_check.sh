@@ -6,7 +6,10 @@
 #   2. bench_kernels.py --check compiled on the GPU,
 #   3. the kernel benchmark tables (Gemma 4 31B / E4B layer shapes, 4 and 2 bits),
 #   4. decode speed (random weights): gemma4-e4b at bf16 and tq4, gemma4-31b at tq4, and
-#      gemma4-e4b tq4 at 8K context with a bf16, a tq3.5 and a tq3.5+s1+r128 KV cache.
+#      gemma4-e4b tq4 at 8K context with a bf16, a tq3.5 and a tq3.5+s1+r128 KV cache,
+#   5. where the `triton` package is installed, scripts/kernel_report.py for the decode
+#      matmuls (registers, spills, SASS per weight), to compare with the report made without
+#      a GPU (docs/BENCHMARKS.md).
 # Everything goes to stdout and, when $OUT is set, to $OUT/gpu_check.txt (+ JSON files).
 # Usage (repository root): bash scripts/gpu_check.sh      [PYTHON=python3]
 set -uo pipefail
@@ -43,5 +46,11 @@ for run in "gemma4-e4b bf16 1024 bf16" "gemma4-e4b tq4 1024 bf16" "gemma4-31b tq
   step 40 "decode $1 $2 context $3 kv $4" "$PY" scripts/bench_decode.py --preset "$1" \
     --quant "$2" --context "$3" --kv-quant "$4" --new-tokens 32 --json
 done
+if "$PY" -c "import triton" 2>/dev/null; then  # the same compile report as without a GPU
+  step 120 "kernel compile report (triton wheel, sm_90)" "$PY" scripts/kernel_report.py \
+    --arch 90 --only decode
+else
+  echo "=== kernel compile report skipped: no triton package here" | tee -a "${LOG:-/dev/null}"
+fi
 echo "=== done, status $status" | tee -a "${LOG:-/dev/null}"
 exit $status
