@@ -330,7 +330,7 @@ def load(path: str | Path, *, dtype=None, quant: Recipe | str | None = None,
   model = Model(cfg, params, tokenizer, checkpoint.stop_ids(cfg, tokenizer), path=str(path),
                 kv_quant=kv_quant, mesh=mesh, ple_on_host=ple_on_host, recipe=recipe,
                 prefill_chunk=prefill_chunk)
-  model.draft = speculative.make_draft(draft, draft_tokens, cfg, params.embed.dtype)
+  model.draft = speculative.make_draft(draft, draft_tokens, params.embed.dtype)
   if model.draft is not None:
     speculative.check_compatible(model.draft, model.runner())
   return model

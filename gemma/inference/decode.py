@@ -41,6 +41,7 @@ from gemma.inference.steps import (
     prefill_step,
     run_prompt,
     runner,
+    stop_array,
 )
 from gemma.kv.cache import KVCache
 from gemma.model.config import ModelConfig
@@ -75,7 +76,7 @@ def stream(run: Runner, cache: KVCache, tokens: np.ndarray, positions: np.ndarra
                                           seed, eos_ids, prefill_chunk, draft, history))
   cfg, params, place, with_rows = run.cfg, run.params, run.place, run.with_rows
   b = tokens.shape[0]
-  stop = np.asarray(sorted(set(cfg.eos_ids if eos_ids is None else eos_ids)), np.int32)
+  stop = stop_array(cfg, eos_ids)
   key = place(jax.random.key(seed))
   t0 = time.perf_counter()
   chunks, compiled = compile_prompt(run, cache, tokens, positions, prefill_chunk)

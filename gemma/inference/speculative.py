@@ -50,6 +50,7 @@ from gemma.inference.steps import (
     _signature,
     compile_prompt,
     run_prompt,
+    stop_array,
 )
 from gemma.kv.cache import KVCache, rollback
 from gemma.model.config import ModelConfig
@@ -268,23 +269,18 @@ def check_draft_spec(draft, tokens: int | None) -> None:
                             "checkpoint")
 
 
-def make_draft(draft, tokens: int | None, cfg: ModelConfig, dtype=jnp.float32):
+def make_draft(draft, tokens: int | None = None, dtype=jnp.float32):
   """The drafter of a --draft value: None, "ngram" (`Ngram`), the path of a Gemma 4 MTP
   assistant checkpoint (`gemma.inference.mtp.load_drafter`), or a drafter (returned as it is,
-  with `tokens` applied). Checked against the target `cfg`."""
+  with `tokens` applied). `check_compatible` checks it against a target."""
   check_draft_spec(draft, tokens)
   if draft is None:
     return None
   if draft == "ngram":
     return Ngram(tokens=tokens or DEFAULT_TOKENS["ngram"])
   if isinstance(draft, str | Path):
-    made = mtp.load_drafter(draft, tokens or DEFAULT_TOKENS["mtp"], dtype)
-  else:
-    made = draft if tokens is None else dataclasses.replace(draft, tokens=tokens)
-  check = getattr(made, "check", None)
-  if check is not None:
-    check(cfg)
-  return made
+    return mtp.load_drafter(draft, tokens or DEFAULT_TOKENS["mtp"], dtype)
+  return draft if tokens is None else dataclasses.replace(draft, tokens=tokens)
 
 
 def initial_history(tokens: np.ndarray, positions: np.ndarray, first: np.ndarray,
@@ -315,7 +311,8 @@ def stream(run: Runner, cache: KVCache, tokens: np.ndarray, positions: np.ndarra
   held = len(history or [])
   if held != int(cache.length):
     raise ValueError(f"the cache holds {int(cache.length)} columns but history has {held}")
-  stop = jnp.asarray(sorted(set(cfg.eos_ids if eos_ids is None else eos_ids)), jnp.int32)
+  stop_np = stop_array(cfg, eos_ids)
+  stop = jnp.asarray(stop_np)
   key = jax.random.key(seed)
   t0 = time.perf_counter()
   chunks, compiled = compile_prompt(run, cache, tokens, positions, prefill_chunk,
@@ -333,10 +330,10 @@ def stream(run: Runner, cache: KVCache, tokens: np.ndarray, positions: np.ndarra
       bad=~jnp.all(jnp.isfinite(logits), axis=-1))
   out: list[list[int]] = [[] for _ in range(b)]
   done = np.zeros(b, bool)
-  stop_np = np.asarray(stop)
   stats = np.zeros(3, np.int64)
   decode_s, generated, call = 0.0, 0, 0
   ids = first[:, None]
+  step = None  # the rounds' executable: one signature for the whole run
   while True:
     if bool(np.asarray(state.bad).any()):
       rows = np.flatnonzero(np.asarray(state.bad)).tolist()
@@ -354,9 +351,10 @@ def stream(run: Runner, cache: KVCache, tokens: np.ndarray, positions: np.ndarra
       break
     args = (run.params, draft.params, state, jax.random.fold_in(key, call + 1), stop,
             jnp.asarray(max_new_tokens - generated, jnp.int32))
-    t1 = time.perf_counter()
-    step = _compiled_rounds(cfg, sampler, draft, *_signature(args))
-    compile_s += time.perf_counter() - t1
+    if step is None:
+      t1 = time.perf_counter()
+      step = _compiled_rounds(cfg, sampler, draft, *_signature(args))
+      compile_s += time.perf_counter() - t1
     t1 = time.perf_counter()
     state, buf, count, st = step(*args)
     count = int(count)

@@ -36,6 +36,11 @@ _sample = jax.jit(sample, static_argnames="sampler")
 _finite_rows = jax.jit(lambda logits: jnp.isfinite(logits).all(axis=-1))  # [B, V] -> [B] bool
 
 
+def stop_array(cfg: ModelConfig, eos_ids: Sequence[int] | None) -> np.ndarray:
+  """The sorted stop ids [S] int32 of a run: `eos_ids`, or the config's."""
+  return np.asarray(sorted(set(cfg.eos_ids if eos_ids is None else eos_ids)), np.int32)
+
+
 def _check_finite(logits: jax.Array, done: np.ndarray, step: int) -> None:
   """Stops generation whose logits hold NaN or inf (a row still running), naming the step."""
   bad = ~np.asarray(_finite_rows(logits)) & ~done
