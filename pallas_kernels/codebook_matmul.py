@@ -19,8 +19,19 @@ then a 1-bit plane. Each plane is read through its own row offset, so no code st
 
 Paths: M <= 16 (decode) uses bm = 16 and splits K over `split_k` programs per output tile (partial
 sums added by one XLA reduction); larger M (prefill) tiles M and N with no split. The code-to-value
-step is an affine int-to-float conversion when the table is an arithmetic progression (int
-baselines) and a binary select tree over the code's bits otherwise (2^b - 1 selects per weight).
+step (`codebook_lookup`) is an affine int-to-float conversion for arithmetic progressions (int
+baselines), Horner for odd polynomials ("poly" codebooks), a select tree over the code's bits
+otherwise (halved for antisymmetric tables).
+
+Field slabs (one plane of width w in {1, 2, 4, 8}, R = g·w/32 >= 16 words per block, no fused
+rotation; e.g. 4 bits at g = 128): each block is read as its [R, bn] words once, and field s of
+every word is decoded in place (`lookup_field`) into a [R, bn] slab multiplied with the inputs
+whose code it holds, x[:, r·32/w + s]; `codebook_matmul` reorders x's inputs block by block so
+that those are contiguous (`_slab_order`). The slabs' products are chained through the
+accumulator. Triton then decodes each weight directly in the tensor-core operand layout (the
+words go through shared memory, the decoded tile does not), where the whole-tile unpack
+([g·w/32, 32/w, bn] -> [g, bn]) staged every decoded value through shared memory one 16-bit
+store at a time (`docs/BENCHMARKS.md`, compile report).
 
 `codebook_matmul_reference` computes the same product in plain jnp (unpack, gather, scale, dot).
 """
@@ -34,6 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.codebook_lookup import _affine, _odd_poly, lookup, lookup_field  # noqa: F401
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -69,52 +82,6 @@ def _check(x, codes, scales, table, bits, block, transposed, rotation):
   return m, k, n
 
 
-def _affine(table: tuple[float, ...]):
-  """(start, step) when table[i] = start + i·step exactly, else None."""
-  t = np.asarray(table, np.float64)
-  if t.size < 2:
-    return None
-  step = t[1] - t[0]
-  return (float(t[0]), float(step)) if np.array_equal(t, t[0] + step * np.arange(t.size)) else None
-
-
-def _odd_poly(table: tuple[float, ...]):
-  """Coefficients (a1, a3, a5) when table[i] = Σ a_k u^k, u = i - (n - 1)/2, to float32
-  rounding (the "poly" codebooks), else None."""
-  t = np.asarray(table, np.float64)
-  u = np.arange(t.size) - (t.size - 1) / 2
-  powers = np.stack([u, u ** 3, u ** 5], axis=1)[:, :max(1, min(3, t.size // 2))]
-  coef = np.linalg.lstsq(powers, t, rcond=None)[0]
-  scale = np.max(np.abs(t))
-  if scale == 0 or np.max(np.abs(powers @ coef - t)) > 1e-6 * scale:
-    return None
-  return tuple(float(c) for c in coef)
-
-
-def lookup(code: jax.Array, table: tuple[float, ...], bits: int) -> jax.Array:
-  """float32 table[code] for int32 codes, without a gather (Triton has none).
-
-  Arithmetic progressions (int grids): one int-to-float conversion and an FMA. Odd polynomials in
-  u = code - (2^b - 1)/2 ("poly" codebooks): Horner in u² (2-3 FMAs). Otherwise a binary select
-  tree over the code's bits (2^b - 1 selects).
-  """
-  affine = _affine(table)
-  if affine is not None:
-    return affine[0] + affine[1] * code.astype(jnp.float32)
-  poly = _odd_poly(table)
-  if poly is not None:
-    u = code.astype(jnp.float32) - (len(table) - 1) / 2
-    u2, v = u * u, jnp.float32(poly[-1])
-    for c in reversed(poly[:-1]):
-      v = v * u2 + c
-    return v * u
-  vals = [jnp.float32(v) for v in table]
-  for bit in range(bits):  # pairs (2i, 2i+1) differ in this bit: one select per pair
-    on = ((code >> bit) & 1) == 1
-    vals = [jnp.where(on, vals[i + 1], vals[i]) for i in range(0, len(vals), 2)]
-  return vals[0]
-
-
 def _unpack(words: list[jax.Array], bits: int, g: int, transposed: bool) -> jax.Array:
   """int32 codes [g, bn] (transposed: [bn, g]) of one block from its per-plane words."""
   code, shift = None, 0
@@ -134,7 +101,7 @@ def _unpack(words: list[jax.Array], bits: int, g: int, transposed: bool) -> jax.
 
 
 def _kernel(x_ref, *refs, bits, g, bm, bn, blocks_per_split, n_blocks, k, table, transposed,
-            rotated):
+            rotated, slabs=False):
   nplanes = len(planes(bits))
   rot_ref = refs[nplanes + 1] if rotated else None
   code_refs, scale_ref, o_ref = refs[:nplanes], refs[nplanes], refs[-1]
@@ -145,6 +112,10 @@ def _kernel(x_ref, *refs, bits, g, bm, bn, blocks_per_split, n_blocks, k, table,
   # word offset of each plane along K, and its words per block
   starts = np.cumsum((0,) + tuple(k * w // 32 for w in planes(bits)))
   per_block = tuple(g * w // 32 for w in planes(bits))
+
+  if slabs:
+    return _slab_kernel(x_ref, code_refs[0], scale_ref, o_ref, bits=bits, g=g, bm=bm, bn=bn,
+                        first=first, last=last, table=table, transposed=transposed)
 
   def body(blk, acc):
     x = x_ref[rows, pl.ds(blk * g, g)]  # [bm, g]
@@ -168,6 +139,52 @@ def _kernel(x_ref, *refs, bits, g, bm, bn, blocks_per_split, n_blocks, k, table,
 
   acc = jax.lax.fori_loop(first, last, body, jnp.zeros((bm, bn), jnp.float32))
   o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _slab_kernel(x_ref, code_ref, scale_ref, o_ref, *, bits, g, bm, bn, first, last, table,
+                 transposed):
+  """The decode loop over blocks first..last-1, one [bm, R] x [R, bn] product per field slab;
+  x_ref holds x in `_slab_order`."""
+  i, j = pl.program_id(1), pl.program_id(2)
+  rows, cols = pl.ds(i * bm, bm), pl.ds(j * bn, bn)
+  per, r = 32 // bits, g * bits // 32
+
+  def body(blk, acc):
+    if transposed:
+      v = code_ref[cols, pl.ds(blk * r, r)]  # [bn, r]
+    else:
+      v = code_ref[pl.ds(blk * r, r), cols]  # [r, bn]
+    part = None
+    for s in range(per):
+      xs = x_ref[rows, pl.ds(blk * g + s * r, r)]  # [bm, r]
+      w = lookup_field(v, s * bits, table, bits).astype(xs.dtype)
+      if transposed:
+        d = jax.lax.dot_general(xs, w, (((1,), (1,)), ((), ())), precision=_HIGHEST,
+                                preferred_element_type=jnp.float32)
+      else:
+        d = jnp.dot(xs, w, precision=_HIGHEST, preferred_element_type=jnp.float32)
+      part = d if part is None else part + d
+    if transposed:
+      scale = scale_ref[cols, pl.ds(blk, 1)].astype(jnp.float32).T
+    else:
+      scale = scale_ref[pl.ds(blk, 1), cols].astype(jnp.float32)
+    return acc + part * scale
+
+  acc = jax.lax.fori_loop(first, last, body, jnp.zeros((bm, bn), jnp.float32))
+  o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _use_slabs(bits: int, g: int, rotated: bool) -> bool:
+  """Whether the field-slab path takes this configuration (module docstring)."""
+  return bits in (1, 2, 4, 8) and g * bits // 32 >= 16 and not rotated
+
+
+def _slab_order(x: jax.Array, g: int, bits: int) -> jax.Array:
+  """x [M, K] with each block's inputs reordered as the slabs read them: slab s of a block holds
+  the inputs whose code is field s of a word (K index r·per + s moves to s·R + r)."""
+  m, k = x.shape
+  per = 32 // bits
+  return x.reshape(m, k // g, g // per, per).swapaxes(-1, -2).reshape(m, k)
 
 
 # static arguments of `codebook_matmul` and of its reference (the same signature)
@@ -226,11 +243,14 @@ def codebook_matmul(x, codes, scales, table, rotation=None, *, bits: int, block:
   bm, bn, split = plan(m, k, n, block, block_m, block_n, split_k)
   mp = -(-m // bm) * bm
   xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
+  slabs = _use_slabs(bits, block, rotation is not None)
+  if slabs:
+    xp = _slab_order(xp, block, bits)
   n_blocks = k // block
   per_split = -(-n_blocks // split)
   kernel = functools.partial(
       _kernel, bits=bits, g=block, bm=bm, bn=bn, blocks_per_split=per_split, n_blocks=n_blocks,
-      k=k, table=table, transposed=transposed, rotated=rotation is not None)
+      k=k, table=table, transposed=transposed, rotated=rotation is not None, slabs=slabs)
   operands = [xp] + [codes] * len(planes(bits)) + [scales]
   operands += [rotation.astype(jnp.float32)] if rotation is not None else []
   out_shape = jax.ShapeDtypeStruct((split, mp, n), jnp.float32)

@@ -245,3 +245,40 @@ def test_polynomial_codebooks_take_the_fma_path(bits):
   export_cuda(fn, jax.ShapeDtypeStruct((1, 256), jnp.bfloat16),
               jax.ShapeDtypeStruct((256 * bits // 32, 64), jnp.uint32),
               jax.ShapeDtypeStruct((2, 64), jnp.float16))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_lookup_field_reads_codes_in_place_bit_identically(bits):
+  """The decode path's in-place field lookup equals `lookup` of the unpacked code, bit for bit, for
+  every table kind (affine, poly, antisymmetric and general select trees)."""
+  from gemma.quant import codebook
+  from pallas_kernels import codebook_lookup as cl
+  words = jnp.asarray(RNG.integers(0, 2 ** 32, (64,), dtype=np.uint64), jnp.uint32)
+  tables = [tuple(float(v) for v in np.arange(2 ** bits) - 3.0),
+            tuple(np.sort(RNG.standard_normal(2 ** bits)).tolist())]
+  if bits <= 4:
+    tables += [tuple(float(v) for v in codebook.sphere_codebook(bits, 128, law)[0])
+               for law in ("beta", "poly")]
+  for table in tables:
+    for offset in range(0, 32, bits):
+      code = ((words >> offset) & (2 ** bits - 1)).astype(jnp.int32)
+      want = np.asarray(cl.lookup(code, table, bits))
+      got = np.asarray(cl.lookup_field(words, offset, table, bits))
+      assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (table[:2], offset)
+
+
+@pytest.mark.parametrize("bits,block", [(4, 128), (2, 256), (8, 64)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_field_slab_path_with_lloyd_max_tables(bits, block, transposed):
+  """Configurations on the field-slab decode path (R = block·bits/32 >= 16 words per block), with
+  antisymmetric (Lloyd-Max) tables on the halved select tree, in bf16 and f32."""
+  from gemma.quant import codebook
+  assert cm._use_slabs(bits, block, False)
+  law = "beta" if bits <= 4 else None
+  table = (tuple(float(v) for v in codebook.sphere_codebook(bits, 128, law)[0]) if law else
+           tuple(float(v) for v in np.linspace(-1, 1, 2 ** bits) ** 3))
+  for dtype in (jnp.float32, jnp.bfloat16):
+    x, codes, scales, _, exact = _case(3, 2 * block, 64, bits, block, dtype, transposed, table)
+    got = cm.codebook_matmul(x, codes, scales, table, bits=bits, block=block,
+                             transposed=transposed, interpret=INTERPRET, poison=True)
+    assert _rel_err(got, exact) < TOL[dtype], dtype
