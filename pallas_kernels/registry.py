@@ -7,6 +7,12 @@ tests), "xla" (the plain-jnp `*_reference`), or None: the process default (`set_
 or the environment variable GEMMA_KERNEL_IMPL), else Pallas on a GPU backend and XLA elsewhere.
 A kernel raises NotImplementedError for shapes it cannot take; dispatch then falls through to
 XLA. Each (op, choice) is logged once (logger "pallas_kernels") and kept in `choices()`.
+
+An op may also register a "mosaic" kernel (Pallas Mosaic GPU; today the 4-bit codebook matmul):
+on a Hopper GPU (compute capability 9.x, `mosaic_device()`) "pallas" and "interpret" try it
+first, then the Triton kernel, then XLA, each on NotImplementedError; other cards keep Triton.
+GEMMA_KERNEL_MOSAIC=0 turns the Mosaic kernels off. `choices()` names them "mosaic" and
+"mosaic-interpret".
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import Callable
 import jax
 
 from pallas_kernels import codebook_matmul as _cm
+from pallas_kernels import codebook_matmul_mosaic as _cmm
 from pallas_kernels import flash_attention as _fa
 from pallas_kernels import tq_attention as _tqa
 
@@ -25,7 +32,8 @@ IMPLS = ("pallas", "interpret", "xla")
 logger = logging.getLogger("pallas_kernels")
 
 _KERNELS: dict[str, dict[str, Callable]] = {
-    "codebook_matmul": {"pallas": _cm.codebook_matmul, "xla": _cm.codebook_matmul_reference},
+    "codebook_matmul": {"pallas": _cm.codebook_matmul, "mosaic": _cmm.codebook_matmul,
+                        "xla": _cm.codebook_matmul_reference},
     "tq_scores": {"pallas": _tqa.tq_scores, "xla": _tqa.tq_scores_reference},
     "tq_mix": {"pallas": _tqa.tq_mix, "xla": _tqa.tq_mix_reference},
     "flash_attention": {"pallas": _fa.flash_attention, "xla": _fa.flash_attention_reference},
@@ -47,6 +55,15 @@ def set_default_impl(impl: str | None) -> None:
 
 def default_impl() -> str | None:
   return _default[0]
+
+
+def mosaic_device() -> bool:
+  """True on a CUDA GPU of compute capability 9.x: the Mosaic kernels use wgmma (sm_90a only;
+  Blackwell's tensor cores take tcgen05.mma), unless GEMMA_KERNEL_MOSAIC=0."""
+  if os.environ.get("GEMMA_KERNEL_MOSAIC", "1") == "0" or jax.default_backend() != "gpu":
+    return False
+  cc = str(getattr(jax.devices()[0], "compute_capability", "") or "")
+  return cc.split(".")[0] == "9"
 
 
 def choices() -> dict[tuple[str, str], str]:
@@ -76,11 +93,17 @@ def call(op: str, *args, impl: str | None = None, **kwargs):
     on_gpu = jax.default_backend() == "gpu"
     impl, reason = ("pallas", "GPU backend") if on_gpu else ("xla", "no GPU backend")
   if impl != "xla":
-    try:
-      out = _KERNELS[op]["pallas"](*args, interpret=impl == "interpret", **kwargs)
-      _note(op, impl, reason)
-      return out
-    except NotImplementedError as e:
-      impl, reason = "xla", f"fell through: {e}"
+    kernels = [(impl, _KERNELS[op]["pallas"])]
+    if "mosaic" in _KERNELS[op] and mosaic_device():
+      label = "mosaic" if impl == "pallas" else "mosaic-interpret"
+      kernels.insert(0, (label, _KERNELS[op]["mosaic"]))
+    for label, kernel in kernels:
+      try:
+        out = kernel(*args, interpret=impl == "interpret", **kwargs)
+        _note(op, label, reason)
+        return out
+      except NotImplementedError as e:
+        reason = f"fell through: {e}"
+    impl = "xla"
   _note(op, impl, reason)
   return _KERNELS[op]["xla"](*args, **kwargs)
