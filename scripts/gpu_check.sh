@@ -2,7 +2,8 @@
 # One command for a GPU machine (jax preinstalled, no network), within 8 minutes:
 #   1. the kernel tests compiled for the GPU (interpret=False) on fresh random inputs: quantized
 #      matmuls, the TurboQuant KV decode-attention kernels and flash attention (forward and
-#      gradients against the dense attention),
+#      gradients against the dense attention), and the Mosaic GPU 4-bit decode matmul against
+#      its reference (Hopper only: its numerics tests skip themselves on other cards),
 #   2. bench_kernels.py --check compiled on the GPU,
 #   3. the kernel benchmark tables (Gemma 4 31B / E4B layer shapes, 4 and 2 bits),
 #   4. decode speed (random weights): gemma4-e4b at bf16 and tq4, gemma4-31b at tq4, and
@@ -28,6 +29,7 @@ step() {  # step SECONDS NAME CMD...: runs CMD with a time limit, tees its outpu
   timeout "$limit" "$@" 2>&1 | tee -a "${LOG:-/dev/null}"
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || { echo "=== $name FAILED (rc=$rc)" | tee -a "${LOG:-/dev/null}"; status=1; }
+  return "$rc"
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "${LOG:-/dev/null}"
@@ -37,6 +39,12 @@ step 60 "KV attention kernel tests (compiled)" "$PY" -m pytest -q -x -p no:cache
   tests/test_tq_attention.py -k "not lower_for_cuda"
 step 90 "flash attention kernel tests (compiled)" "$PY" -m pytest -q -x -p no:cacheprovider \
   tests/test_flash_attention.py -k "kernel and not lowers"
+if ! step 90 "Mosaic GPU codebook matmul tests (compiled, sm_90 only)" "$PY" -m pytest -q -x -rs \
+    -p no:cacheprovider tests/test_mosaic_kernels.py -k "not lowers_for_cuda"; then
+  # the registry picks the Mosaic kernel on Hopper: keep the Triton figures below coming
+  export GEMMA_KERNEL_MOSAIC=0
+  echo "=== GEMMA_KERNEL_MOSAIC=0 for the remaining steps" | tee -a "${LOG:-/dev/null}"
+fi
 step 45 "bench_kernels --check (compiled)" "$PY" scripts/bench_kernels.py --check --device gpu
 step 120 "kernel benchmark" "$PY" scripts/bench_kernels.py --device gpu --bits 4 2 --json
 for run in "gemma4-e4b bf16 1024 bf16" "gemma4-e4b tq4 1024 bf16" "gemma4-31b tq4 1024 bf16" \
