@@ -5,6 +5,7 @@ and a `*_reference` in plain jnp with the same signature; `registry.call` picks 
 imports nothing from `gemma/`.
 
   codebook_matmul.py   y = x @ (scale ⊙ table[packed b-bit codes]), decode and prefill tilings
+  codebook_matmul_mosaic.py  the 4-bit decode tiling in Pallas Mosaic GPU (Hopper, wgmma)
   tq_attention.py      decode attention over a TurboQuant KV cache: scores and value mix on codes
   flash_attention.py   memory-efficient float attention (online softmax over blocks), with backward
   registry.py          impl choice (Pallas on GPU, XLA elsewhere), NotImplementedError fall-through
