@@ -14,7 +14,7 @@ warpgroup tile, and the weight tile is the wgmma A operand:
     activations), `num_stages` blocks in flight;
   * codes are read transposed out of shared memory (layout WGMMA_TRANSPOSED, then relaid out to
     WGMMA), each of the 8 nibbles of a word gives a [64, g/8] tile of Wᵀ: shifts and masks, then
-    `codebook_matmul.lookup` (affine / odd polynomial / select tree: no gather);
+    `codebook_lookup.lookup` (affine / odd polynomial / select tree: no gather);
   * 4-bit code j of word r is input r·8 + j of the block, so the activations are permuted once
     per call in XLA (xt[b·8 + j, r, m] = x[m, b·g + r·8 + j]) and nibble plane j multiplies the
     contiguous slice xt[b·8 + j] ([g/8, Mp] bf16 in shared memory): 8 wgmmas of K = g/8 per block;
@@ -38,7 +38,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.codebook_matmul import _STATIC, _check, lookup
+from pallas_kernels.codebook_lookup import lookup
+from pallas_kernels.codebook_matmul import _STATIC, _check
 
 BN = 64  # output columns per CTA: the 64 rows of one warpgroup's wgmma tile (yᵀ)
 MAX_M = 64  # rows of x the decode kernel takes (wgmma N = Mp); prefill stays on Triton

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from gemma.quant import packing
+from pallas_kernels import codebook_lookup as cl
 from pallas_kernels import codebook_matmul as cm
 from pallas_kernels import codebook_matmul_mosaic as cmm
 from pallas_kernels import registry
@@ -77,7 +78,7 @@ def test_mosaic_split_k_and_tables():
   int_table = tuple(float(v) for v in np.arange(16) - 7)
   u = np.arange(16) - 7.5
   poly_table = tuple(float(v) for v in 0.1 * u + 0.001 * u ** 3)
-  assert cm._affine(int_table) is not None and cm._odd_poly(poly_table) is not None
+  assert cl._affine(int_table) is not None and cl._odd_poly(poly_table) is not None
   for table in (None, int_table, poly_table):
     x, codes, scales, table, exact = _case(3, k, n, block, jnp.bfloat16, table)
     for split in (1, 3, 6):
