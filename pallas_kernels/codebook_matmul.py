@@ -23,6 +23,11 @@ step (`codebook_lookup`) is an affine int-to-float conversion for arithmetic pro
 baselines), Horner for odd polynomials ("poly" codebooks), a select tree over the code's bits
 otherwise (halved for antisymmetric tables).
 
+Byte-permute decode: in bf16, 4-bit antisymmetric tables (every TurboQuant 4-bit codebook) skip
+the float lookup altogether: `prmt_lut` turns two words into 16 bf16 values packed in pairs by
+PTX `prmt` table lookups (~2.75 instructions per weight; interpret mode runs the same operations
+in jnp). Other tables, widths and f32 inputs use `lookup_field`.
+
 Field slabs (one plane of width w in {1, 2, 4, 8}, R = g·w/32 >= 16 words per block, no fused
 rotation; e.g. 4 bits at g = 128): each block is read as its [R, bn] words once, and field s of
 every word is decoded in place (`lookup_field`) into a [R, bn] slab multiplied with the inputs
@@ -39,6 +44,7 @@ store at a time (`docs/BENCHMARKS.md`, compile report).
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -46,9 +52,13 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels import prmt_lut
 from pallas_kernels.codebook_lookup import _affine, _odd_poly, lookup, lookup_field  # noqa: F401
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+# bf16 4-bit antisymmetric tables decode by byte permutes (`prmt_lut`); GEMMA_KERNEL_PRMT=0 turns
+# it off (the asm compiles for sm_80/sm_90 but has not run on a GPU yet: scripts/gpu_check.sh)
+PRMT_DECODE = os.environ.get("GEMMA_KERNEL_PRMT", "1") != "0"
 
 
 def planes(bits: int) -> tuple[int, ...]:
@@ -101,7 +111,7 @@ def _unpack(words: list[jax.Array], bits: int, g: int, transposed: bool) -> jax.
 
 
 def _kernel(x_ref, *refs, bits, g, bm, bn, blocks_per_split, n_blocks, k, table, transposed,
-            rotated, slabs=False):
+            rotated, slabs=False, lut=None):
   nplanes = len(planes(bits))
   rot_ref = refs[nplanes + 1] if rotated else None
   code_refs, scale_ref, o_ref = refs[:nplanes], refs[nplanes], refs[-1]
@@ -115,7 +125,7 @@ def _kernel(x_ref, *refs, bits, g, bm, bn, blocks_per_split, n_blocks, k, table,
 
   if slabs:
     return _slab_kernel(x_ref, code_refs[0], scale_ref, o_ref, bits=bits, g=g, bm=bm, bn=bn,
-                        first=first, last=last, table=table, transposed=transposed)
+                        first=first, last=last, table=table, transposed=transposed, lut=lut)
 
   def body(blk, acc):
     x = x_ref[rows, pl.ds(blk * g, g)]  # [bm, g]
@@ -142,7 +152,7 @@ def _kernel(x_ref, *refs, bits, g, bm, bn, blocks_per_split, n_blocks, k, table,
 
 
 def _slab_kernel(x_ref, code_ref, scale_ref, o_ref, *, bits, g, bm, bn, first, last, table,
-                 transposed):
+                 transposed, lut=None):
   """The decode loop over blocks first..last-1, one [bm, R] x [R, bn] product per field slab;
   x_ref holds x in `_slab_order`."""
   i, j = pl.program_id(1), pl.program_id(2)
@@ -155,9 +165,15 @@ def _slab_kernel(x_ref, code_ref, scale_ref, o_ref, *, bits, g, bm, bn, first, l
     else:
       v = code_ref[pl.ds(blk * r, r), cols]  # [r, bn]
     part = None
+    if lut is not None:  # bf16 slabs by byte permutes (`prmt_lut`); jnp model in interpret mode
+      slabs = (prmt_lut.decode_fields_reference if lut == "reference" else prmt_lut.decode_pairs)(
+          v, table)
     for s in range(per):
       xs = x_ref[rows, pl.ds(blk * g + s * r, r)]  # [bm, r]
-      w = lookup_field(v, s * bits, table, bits).astype(xs.dtype)
+      if lut is not None:
+        w = slabs[s]
+      else:
+        w = lookup_field(v, s * bits, table, bits).astype(xs.dtype)
       if transposed:
         d = jax.lax.dot_general(xs, w, (((1,), (1,)), ((), ())), precision=_HIGHEST,
                                 preferred_element_type=jnp.float32)
@@ -244,13 +260,17 @@ def codebook_matmul(x, codes, scales, table, rotation=None, *, bits: int, block:
   mp = -(-m // bm) * bm
   xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
   slabs = _use_slabs(bits, block, rotation is not None)
+  lut = None
+  if slabs and PRMT_DECODE and bits == 4 and x.dtype == jnp.bfloat16 and (
+      prmt_lut.antisymmetric4(table)):
+    lut = "reference" if interpret else "asm"
   if slabs:
     xp = _slab_order(xp, block, bits)
   n_blocks = k // block
   per_split = -(-n_blocks // split)
   kernel = functools.partial(
       _kernel, bits=bits, g=block, bm=bm, bn=bn, blocks_per_split=per_split, n_blocks=n_blocks,
-      k=k, table=table, transposed=transposed, rotated=rotation is not None, slabs=slabs)
+      k=k, table=table, transposed=transposed, rotated=rotation is not None, slabs=slabs, lut=lut)
   operands = [xp] + [codes] * len(planes(bits)) + [scales]
   operands += [rotation.astype(jnp.float32)] if rotation is not None else []
   out_shape = jax.ShapeDtypeStruct((split, mp, n), jnp.float32)

@@ -282,3 +282,22 @@ def test_field_slab_path_with_lloyd_max_tables(bits, block, transposed):
     got = cm.codebook_matmul(x, codes, scales, table, bits=bits, block=block,
                              transposed=transposed, interpret=INTERPRET, poison=True)
     assert _rel_err(got, exact) < TOL[dtype], dtype
+
+
+def test_prmt_lut_model_decodes_every_4bit_turboquant_codebook():
+  """The byte-permute decode's jnp model (the interpret-mode path; same operations as its PTX)
+  gives bf16(table[field]) for every field, for the Lloyd-Max, Gauss and poly 4-bit codebooks."""
+  from gemma.quant import codebook
+  from pallas_kernels import prmt_lut
+  v = jnp.asarray(RNG.integers(0, 2 ** 32, (16, 8), dtype=np.uint64), jnp.uint32)
+  assert not prmt_lut.antisymmetric4(tuple(np.sort(RNG.standard_normal(16))))
+  for law in ("beta", "gauss", "poly"):
+    table = tuple(float(t) for t in codebook.sphere_codebook(4, 128, law)[0])
+    assert prmt_lut.antisymmetric4(table)
+    got = prmt_lut.decode_fields_reference(v, table)
+    for s in range(8):
+      want = jnp.asarray(np.asarray(table, np.float32)[np.asarray((v >> (4 * s)) & 15)],
+                         jnp.bfloat16)
+      assert np.array_equal(np.asarray(got[s]).view(np.uint16), np.asarray(want).view(np.uint16))
+  # PTX ISA: nibbles 0-2 copy bytes 0, 4, 7; nibble 3 (bit 3 set) replicates byte 3's sign
+  assert int(prmt_lut.prmt(0x83020100, 0x07060504, 0xB740)) == 0xFF070400
