@@ -25,7 +25,7 @@ otherwise (halved for antisymmetric tables).
 
 Byte-permute decode: in bf16, 4-bit antisymmetric tables (every TurboQuant 4-bit codebook) skip
 the float lookup altogether: `prmt_lut` turns two words into 16 bf16 values packed in pairs by
-PTX `prmt` table lookups (~2.75 instructions per weight; interpret mode runs the same operations
+PTX `prmt` table lookups (2.5 instructions per weight; interpret mode runs the same operations
 in jnp). Other tables, widths and f32 inputs use `lookup_field`.
 
 Field slabs (one plane of width w in {1, 2, 4, 8}, R = g·w/32 >= 16 words per block, no fused

@@ -1,5 +1,5 @@
 """4-bit codebook lookup by byte permutes: two uint32 words of codes -> 16 bfloat16 values, packed
-in pairs as the tensor cores read them, in ~2.75 instructions per weight, no float arithmetic.
+in pairs as the tensor cores read them, in 2.5 instructions per weight, no float arithmetic.
 
 For antisymmetric tables (t[15 - i] = -t[i]: every TurboQuant 4-bit codebook, Lloyd-Max or
 "poly"), a code is a sign (its top bit) and an index j into the 8 magnitudes m[j] = t[8 + j]:
@@ -9,10 +9,11 @@ picks 4 bytes out of 8 by 3-bit selectors in one instruction: 4 weights per `prm
 
 One asm instance takes words wa, wb (the same column, consecutive rows; any two words are
 correct, `pack=2` hands it consecutive elements) and returns, for each of the 8 fields s, the
-uint32 (bf16(t[wa.s]) | bf16(t[wb.s]) << 16): per pair of words, 8 ops of XNOR, 8 of
-interleaving (selectors and signs of (wa.s, wa.s+1, wb.s, wb.s+1) side by side), per 4 weights 2
-table `prmt`s and 3 ops of sign, per field 1 `prmt` that builds the pair: 44 for 16 weights
-(the compiled decode loop: 1.5 PRMT per weight, 5.3 SASS instructions per weight in all).
+uint32 (bf16(t[wa.s]) | bf16(t[wb.s]) << 16): per pair of words 8 ops of XNOR, 4 `prmt`s that
+put the selectors of (wa.s, wa.s+1, wb.s, wb.s+1) side by side, 4 for their sign flags;
+per 4 weights 2 table `prmt`s and 2 ops of sign (a `prmt` whose sign replication turns a flag
+into a byte mask, and an AND-OR); per field 1 `prmt` that builds the pair: 40 for 16 weights (the
+compiled decode loop: 1.6 PRMT per weight, 4.8 SASS instructions per weight in all).
 
 `decode_pairs` is the asm (GPU); `decode_pairs_reference` is the same op sequence in jnp, with
 `prmt` as the PTX ISA defines it (default mode: nibble i of the selector picks byte i of d from
@@ -28,6 +29,10 @@ import numpy as np
 
 _INTERLEAVE = (0x5140, 0x7362)  # bytes (a0, b0, a1, b1) and (a2, b2, a3, b3) of words a, b
 _PAIR = (0x6240, 0x7351)  # (lo byte e, hi byte e, lo byte 2+e, hi byte 2+e) for e = 0, 1
+_SELECT = (0x40, 0x51, 0x62, 0x73)  # low 16 bits: byte m of a, byte m of b (fields 2m, 2m + 1)
+# sign masks from {g << 4, g}: byte i = 0xFF where the field's flag (bit 3 of its nibble) is set,
+# by prmt's sign replication (the flag of a low nibble is bit 7 of g << 4)
+_SIGN = (0xD9C8, 0xFBEA)
 
 
 def antisymmetric4(table) -> bool:
@@ -66,15 +71,13 @@ def decode_pairs_reference(wa, wb, consts) -> list[jax.Array]:
     f = (t >> 3) * jnp.uint32(7)  # flips the low bits of negative codes
     ts.append(t)
     js.append((w ^ f) & jnp.uint32(0x77777777))
-  xs, gs = [], []
-  for sel in _INTERLEAVE:
-    x, g = prmt(js[0], js[1], sel), prmt(ts[0], ts[1], sel)
-    xs += [x, x >> 16]
-    gs += [g, g >> 16]
+  gs = [prmt(ts[0], ts[1], sel) for sel in _INTERLEAVE]  # sign flags, bytes a, b side by side
   out = []
-  for x, g in zip(xs, gs, strict=True):
+  for m in range(4):
+    x = prmt(js[0], js[1], _SELECT[m])  # nibbles (a.s, a.s+1, b.s, b.s+1), s = 2m
+    g = gs[m // 2]
     h, lo = prmt(th0, th1, x), prmt(tl0, tl1, x)
-    h = h | ((prmt(0x80, 0x80, g) << 1) & jnp.uint32(0x80808080))
+    h = h | (prmt(g << 4, g, _SIGN[m % 2]) & jnp.uint32(0x80808080))
     out += [prmt(lo, h, sel) for sel in _PAIR]
   return out
 
@@ -83,18 +86,17 @@ def _asm(consts, field: int) -> str:
   """PTX for one field's pair ($0) from words $1, $2. The 8 fields' asm blocks repeat the XNOR,
   interleave and table steps they share; ptxas, which sees the inlined PTX, computes them once
   (jax 0.11.2's Pallas lowering takes one result per inline asm op)."""
-  th0, th1, tl0, tl1 = consts
+  th0, th1, tl0, tl1 = (f"{c:#x}" for c in consts)
   m, e = divmod(field, 2)
-  sel = _INTERLEAVE[m // 2]
-  shift = ["", "shr.u32 x, x, 16;", "shr.u32 g, g, 16;"] if m % 2 else [""]
-  lines = ["{", ".reg .b32 ta, tb, fa, fb, ja, jb, x, g, h, l, p;"]
+  lines = ["{", ".reg .b32 ta, tb, fa, fb, ja, jb, x, g, g4, h, l, p;"]
   for w, t, f, j in (("$1", "ta", "fa", "ja"), ("$2", "tb", "fb", "jb")):
     lines += [f"not.b32 {t}, {w};", f"and.b32 {t}, {t}, 0x88888888;",
               f"shr.u32 {f}, {t}, 3;", f"mul.lo.u32 {f}, {f}, 7;",
               f"xor.b32 {j}, {w}, {f};", f"and.b32 {j}, {j}, 0x77777777;"]
-  lines += [f"prmt.b32 x, ja, jb, {sel:#x};", f"prmt.b32 g, ta, tb, {sel:#x};", *shift[1:],
-            f"prmt.b32 h, {th0:#x}, {th1:#x}, x;", f"prmt.b32 l, {tl0:#x}, {tl1:#x}, x;",
-            "prmt.b32 p, 0x80, 0x80, g;", "shl.b32 p, p, 1;", "and.b32 p, p, 0x80808080;",
+  lines += [f"prmt.b32 x, ja, jb, {_SELECT[m]:#x};",
+            f"prmt.b32 g, ta, tb, {_INTERLEAVE[m // 2]:#x};", "shl.b32 g4, g, 4;",
+            f"prmt.b32 h, {th0}, {th1}, x;", f"prmt.b32 l, {tl0}, {tl1}, x;",
+            f"prmt.b32 p, g4, g, {_SIGN[m % 2]:#x};", "and.b32 p, p, 0x80808080;",
             "or.b32 h, h, p;", f"prmt.b32 $0, l, h, {_PAIR[e]:#x};", "}"]
   return "\n".join(lines)
 
