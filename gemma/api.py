@@ -35,6 +35,7 @@ from gemma.inference.text import Completion, TextStream, completion
 from gemma.io import checkpoint
 from gemma.io.formats import converted
 from gemma.kv.quant import parse_kv_cache
+from gemma.model import fused
 from gemma.model.config import ModelConfig
 from gemma.model.params import Params
 from gemma.model.transformer import forward
@@ -250,7 +251,7 @@ class Model:
     recipe = resolve(recipe)
     if self.recipe is not None or is_quantized(self.params):
       raise ValueError(f"{self.path or self.name} is already quantized; quantize a float model")
-    params = self.params
+    params = fused.unfuse(self.params, self.cfg)  # recipes, calibration: one weight each
     if calibrate_on is None:
       if target_bpw is not None or calibration is not None:
         raise ValueError("target_bpw and calibration need calibrate_on (a calibration text)")
@@ -268,6 +269,8 @@ class Model:
     if float_dtype is not None:
       params = jax.tree.map(lambda x: x if isinstance(x, QArray) else x.astype(float_dtype),
                             params, is_leaf=lambda x: isinstance(x, QArray))
+    if fused.is_fused(self.params):
+      params = fused.fuse(params, consume=True)
     return dataclasses.replace(self, params=params, recipe=recipe)
 
   def _bos(self) -> int:
@@ -277,7 +280,8 @@ class Model:
     """Writes a converted checkpoint (loads with `gemma.load` like any other): params, config
     (with the recipe when quantized, and a CRC-32 per array), and the source's tokenizer and
     generation config; atomically (an existing checkpoint at `out` needs `force`)."""
-    return converted.save_converted(out, self.cfg, self.params, force=force, recipe=self.recipe,
+    params = fused.unfuse(self.params, self.cfg)  # the checkpoint holds each weight by its name
+    return converted.save_converted(out, self.cfg, params, force=force, recipe=self.recipe,
                                     tokenizer_source=self.path)
 
 
@@ -285,7 +289,8 @@ def load(path: str | Path, *, dtype=None, quant: Recipe | str | None = None,
          kv_quant: str | None = None, mesh: Mesh | str | None = None, ple_on_host: bool = False,
          preset: str | None = None, float_dtype=None, verify: bool = True,
          require_tokenizer: bool = False, prefill_chunk: int | None = None,
-         draft: str | speculative.Draft | None = None, draft_tokens: int | None = None) -> Model:
+         draft: str | speculative.Draft | None = None, draft_tokens: int | None = None,
+         fuse: bool = True) -> Model:
   """Loads any checkpoint (Hugging Face directory, .gguf file, official Orbax, converted).
 
   Args:
@@ -302,6 +307,10 @@ def load(path: str | Path, *, dtype=None, quant: Recipe | str | None = None,
     prefill_chunk: prefill prompts in chunks of this many tokens (None: the default, 2048).
     draft: speculative decoding for generate and chat: "ngram" (prompt lookup), the path of a
       Gemma 4 MTP assistant checkpoint, or a drafter object; draft_tokens: K per round.
+    fuse: serve each layer's q/k/v and gate/up projections as single weights
+      (`gemma.model.fused`: one matmul where there were three or two; the same values).
+      `Model.params` then holds `attn.qkv` / `mlp.gate_up` instead of the separate weights
+      (`fused.unfuse(model.params, model.cfg)` gives them back). Not done on a mesh.
   """
   decode.chunk_size(prefill_chunk)  # a bad chunk size fails before any weight is read
   speculative.check_draft_spec(draft, draft_tokens)  # before any weight is read
@@ -324,6 +333,8 @@ def load(path: str | Path, *, dtype=None, quant: Recipe | str | None = None,
                        f"model's vocabulary of {vocab}: they do not belong together")
   cfg, params = checkpoint.load(path, dtype, preset=preset, quant=quant,
                                 float_dtype=float_dtype, mesh=mesh, verify=verify)
+  if fuse and mesh is None:
+    params = fused.fuse(params, consume=True)  # nothing else holds the loaded arrays
   recipe = resolve(quant) if quant is not None else None
   if checkpoint.detect_format(path) == "converted":
     recipe = converted.read_recipe(path) or recipe

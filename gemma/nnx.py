@@ -59,6 +59,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gemma.kv.cache import KVCache
+from gemma.model import fused
 from gemma.model.config import ModelConfig
 from gemma.model.params import Params, path_name
 from gemma.model.transformer import forward
@@ -252,8 +253,11 @@ def from_params(params: Params, cfg: ModelConfig, *, adapters: dict[str, LoraPai
 def from_model(model, *, adapters: dict[str, LoraPair] | None = None,
                lora_scale: float | None = None) -> Gemma:
   """The `Gemma` module of anything with `.cfg` (ModelConfig) and `.params` (Params), such as
-  `gemma.Model`."""
-  return from_params(model.params, model.cfg, adapters=adapters, lora_scale=lora_scale)
+  `gemma.Model`. Fused projections (`gemma.model.fused`, how `gemma.load` serves) are split
+  back into q/k/v and gate/up first: the module's variables and LoRA targets are the separate
+  weights (copies of those; every other weight array is shared)."""
+  return from_params(fused.unfuse(model.params, model.cfg), model.cfg, adapters=adapters,
+                     lora_scale=lora_scale)
 
 
 def to_params(module: Gemma, lora: str | None = None) -> Params:

@@ -4,6 +4,7 @@ import jax
 import pytest
 
 from gemma.model import config as C
+from gemma.model import fused
 from gemma.model import params as P
 from gemma.model import weights as W
 
@@ -44,7 +45,11 @@ def test_weight_table_covers_every_weight_once():
   used = set()
   for name in C.PRESETS:
     tree = P.abstract(C.get_preset(name))
-    for leaf_name, leaf in zip(P.leaf_names(tree), jax.tree.leaves(tree), strict=True):
+    # the trees `gemma.load` serves: q/k/v and gate/up fused (`gemma.model.fused`)
+    fused_tree = jax.eval_shape(fused.fuse, tree)
+    leaves = [*zip(P.leaf_names(tree), jax.tree.leaves(tree), strict=True),
+              *zip(P.leaf_names(fused_tree), jax.tree.leaves(fused_tree), strict=True)]
+    for leaf_name, leaf in leaves:
       info = W.weight_info(leaf_name)
       assert (info is None) == P._is_scale(leaf_name), leaf_name
       if info is not None:

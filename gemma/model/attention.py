@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from gemma.kv import cache as kv_cache
 from gemma.kv.cache import KVView
 from gemma.model.config import LayerSpec, ModelConfig
+from gemma.model.fused import project_qkv
 from gemma.model.layers import einsum, rms_norm, rope, softcap
 from gemma.model.params import Attention
 
@@ -71,14 +72,13 @@ def attention(p: Attention, x: jax.Array, positions: jax.Array, spec: LayerSpec,
   rope_cfg = cfg.rope(spec.attention)
   norm = dict(eps=cfg.rms_eps, plus_one=cfg.norm_plus_one)
   # [B, T, N, H]
-  q = rope(rms_norm(einsum("btd,dnh->btnh", x, p.q), p.q_norm, **norm), positions, rope_cfg)
+  # [B, T, N, H], [B, T, K, H] x 2 (None on KV-shared layers)
+  q, k_raw, v = project_qkv(p, x, cfg, spec)
+  q = rope(rms_norm(q, p.q_norm, **norm), positions, rope_cfg)
   new_cache = None
   if spec.shares_kv:
     view = shared
   else:
-    # [B, T, K, H]
-    k_raw = einsum("btd,dkh->btkh", x, p.k)
-    v = k_raw if spec.k_eq_v else einsum("btd,dkh->btkh", x, p.v)
     k = rope(rms_norm(k_raw, p.k_norm, **norm), positions, rope_cfg)
     if cfg.use_v_norm:
       v = rms_norm(v, None, eps=cfg.rms_eps)

@@ -6,6 +6,9 @@ never branches on how a weight is stored.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -26,8 +29,34 @@ def einsum(spec: str, x: jax.Array, w, out_dtype=None) -> jax.Array:
   custom = getattr(w, "__gemma_einsum__", None)
   if custom is not None:
     return custom(spec, x, out_dtype)
-  out = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+  w = w.astype(x.dtype)
+  k = matmul_axes(spec)
+  if k:  # one 2-D matmul over the flattened contracted axes
+    lead = x.shape[:x.ndim - k]
+    # [*lead, I] x [I, O] -> [*lead, O]
+    out = jnp.einsum("...i,io->...o", x.reshape(*lead, -1),
+                     w.reshape(math.prod(w.shape[:k]), -1), preferred_element_type=jnp.float32)
+    out = out.reshape(*lead, *w.shape[k:])
+  else:
+    out = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
   return out.astype(out_dtype or x.dtype)
+
+
+@functools.cache
+def matmul_axes(spec: str) -> int:
+  """k when `spec` contracts x's last k axes with w's first k (in order) and lists the output as
+  x's other axes then w's ('btnh,nhd->btd', 'btd,dnh->btnh'), else 0.
+
+  Such an einsum runs as one matmul over the flattened axes: XLA then keeps the weight in its
+  stored layout instead of choosing to transpose it (a copy of the weight on every call).
+  """
+  operands, out = spec.replace(" ", "").split("->")
+  xs, ws = operands.split(",")
+  contracted = [a for a in xs if a in ws and a not in out]
+  k = len(contracted)
+  if k == 0 or xs[len(xs) - k:] != ws[:k] or out != xs[:len(xs) - k] + ws[k:]:
+    return 0
+  return k
 
 
 def ragged_dot(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
@@ -76,13 +105,6 @@ def rope(x: jax.Array, positions: jax.Array, cfg: RopeConfig) -> jax.Array:
 def gelu(x: jax.Array) -> jax.Array:
   """tanh-approximate GELU (HF `gelu_pytorch_tanh`)."""
   return jax.nn.gelu(x, approximate=True)
-
-
-def mlp(x: jax.Array, gate, up, down) -> jax.Array:
-  """GeGLU feed-forward. x: [B, T, D] -> [B, T, D]."""
-  # [B, T, F]
-  hidden = gelu(einsum("btd,df->btf", x, gate)) * einsum("btd,df->btf", x, up)
-  return einsum("btf,fd->btd", hidden, down)
 
 
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from gemma.model import fused
 from gemma.model.config import ModelConfig
-from gemma.model.layers import einsum, gelu, mlp, ragged_dot, rms_norm
+from gemma.model.layers import einsum, gelu, ragged_dot, rms_norm
 from gemma.model.params import Layer
 
 
@@ -55,8 +56,7 @@ def moe_ffn(layer: Layer, h: jax.Array, cfg: ModelConfig) -> jax.Array:
   """Feed-forward branch of a MoE layer (before the residual add). h: [B, T, D] -> [B, T, D]."""
   norm = dict(eps=cfg.rms_eps, plus_one=cfg.norm_plus_one)
   p = layer.moe
-  dense = mlp(rms_norm(h, layer.mlp_pre_norm, **norm), layer.mlp.gate, layer.mlp.up,
-              layer.mlp.down)
+  dense = fused.mlp(layer.mlp, rms_norm(h, layer.mlp_pre_norm, **norm))
   dense = rms_norm(dense, p.dense_post_norm, **norm)
   b, t, d = h.shape
   flat = h.reshape(b * t, d)

@@ -26,19 +26,21 @@ def pytree_dataclass(cls):
 
 @pytree_dataclass
 class Attention:
-  q: Array  # [D, N, H]
+  q: Array | None  # [D, N, H]; None when fused into qkv
   o: Array  # [N, H, D]
   q_norm: Array  # [H]
   k: Array | None = None  # [D, K, H]; None on KV-shared layers
   v: Array | None = None  # [D, K, H]; None on KV-shared and k_eq_v layers
   k_norm: Array | None = None  # [H]; None on KV-shared layers
+  qkv: Array | None = None  # [D, (N + K + K)·H]: q, k, v fused at load (`gemma.model.fused`)
 
 
 @pytree_dataclass
 class Mlp:
-  gate: Array  # [D, F]
-  up: Array  # [D, F]
+  gate: Array | None  # [D, F]; None when fused into gate_up
+  up: Array | None  # [D, F]; None when fused into gate_up
   down: Array  # [F, D]
+  gate_up: Array | None = None  # [D, 2F]: gate, up fused at load (`gemma.model.fused`)
 
 
 @pytree_dataclass

@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 
 from gemma.kv.cache import KVCache, KVView
+from gemma.model import fused
 from gemma.model.attention import attention
 from gemma.model.config import LayerSpec, ModelConfig
-from gemma.model.layers import einsum, gelu, mlp, rms_norm, softcap
+from gemma.model.layers import einsum, gelu, rms_norm, softcap
 from gemma.model.moe import moe_ffn
 from gemma.model.params import Layer, Params
 
@@ -44,7 +45,7 @@ def per_layer_inputs(params: Params, x: jax.Array, tokens: jax.Array,
 def dense_ffn(layer: Layer, h: jax.Array, cfg: ModelConfig) -> jax.Array:
   """Feed-forward branch of a dense layer (before the residual add). [B, T, D] -> [B, T, D]."""
   norm = dict(eps=cfg.rms_eps, plus_one=cfg.norm_plus_one)
-  m = mlp(rms_norm(h, layer.mlp_pre_norm, **norm), layer.mlp.gate, layer.mlp.up, layer.mlp.down)
+  m = fused.mlp(layer.mlp, rms_norm(h, layer.mlp_pre_norm, **norm))
   return rms_norm(m, layer.mlp_post_norm, **norm)
 
 

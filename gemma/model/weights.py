@@ -63,6 +63,10 @@ WEIGHTS: tuple[WeightInfo, ...] = (
     _layer("mlp.gate", ("embed", "ffn"), "mlp", lora_target="gate"),  # [D, F]
     _layer("mlp.up", ("embed", "ffn"), "mlp", lora_target="up"),  # [D, F]
     _layer("mlp.down", ("ffn", "embed"), "mlp", lora_target="down"),  # [F, D]
+    # fused at load (`gemma.model.fused`): [D, (N + K + K)·H] and [D, 2F]; LoRA adapts the
+    # separate weights (`fused.unfuse`)
+    _layer("attn.qkv", ("embed", None), "attention"),
+    _layer("mlp.gate_up", ("embed", None), "mlp"),
     _layer("moe.router", ("embed", None), "router"),  # [D, E]
     _layer("moe.gate", ("expert", "embed", "expert_ffn"), "experts", batch_ndim=1),  # [E, D, I]
     _layer("moe.up", ("expert", "embed", "expert_ffn"), "experts", batch_ndim=1),  # [E, D, I]
