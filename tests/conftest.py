@@ -66,5 +66,6 @@ def _release_compiled_programs():
   yield
   steps._compiled_prefill.cache_clear()
   steps._compiled_decode.cache_clear()
+  steps._compiled_decode_loop.cache_clear()
   speculative._compiled_rounds.cache_clear()
   jax.clear_caches()

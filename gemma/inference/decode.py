@@ -22,10 +22,12 @@ from gemma.inference.steps import (
     DEFAULT_PREFILL_CHUNK,
     GREEDY,
     MIN_BUCKET,
+    STEPS_PER_CALL,
     Generation,
     Runner,
     _check_finite,
     _compiled_decode,
+    _compiled_decode_loop,
     _sample,
     _signature,
     bucket_inputs,
@@ -74,15 +76,13 @@ def stream(run: Runner, cache: KVCache, tokens: np.ndarray, positions: np.ndarra
   if draft is not None:
     return (yield from speculative.stream(run, cache, tokens, positions, max_new_tokens, sampler,
                                           seed, eos_ids, prefill_chunk, draft, history))
-  cfg, params, place, with_rows = run.cfg, run.params, run.place, run.with_rows
+  cfg, place = run.cfg, run.place
   b = tokens.shape[0]
   stop = stop_array(cfg, eos_ids)
   key = place(jax.random.key(seed))
   t0 = time.perf_counter()
   chunks, compiled = compile_prompt(run, cache, tokens, positions, prefill_chunk)
-  step_args = (with_rows(params, np.zeros((b, 1), np.int32)), place(jnp.zeros((b,), jnp.int32)),
-               cache, key)
-  compiled_step = _compiled_decode(cfg, sampler, *_signature(step_args))
+  advance = _advance(run, cache, key, stop, sampler)
   compile_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   logits, cache = run_prompt(chunks, compiled, cache)
@@ -93,29 +93,73 @@ def stream(run: Runner, cache: KVCache, tokens: np.ndarray, positions: np.ndarra
   out: list[list[int]] = [[] for _ in range(b)]
   done = np.zeros(b, bool)
   _check_finite(logits, done, 0)
-  decode_s, steps = 0.0, 0
-  for step in range(max_new_tokens):
-    ids = np.asarray(next_ids)
-    for row in range(b):
-      if not done[row]:
-        out[row].append(int(ids[row]))
-    done |= np.isin(ids, stop)
-    yield [int(i) for i in ids]
-    if done.all() or step == max_new_tokens - 1:
+  decode_s, steps, emitted, columns = 0.0, 0, 0, [np.asarray(next_ids)]
+  while True:
+    for ids in columns:
+      for row in range(b):
+        if not done[row]:
+          out[row].append(int(ids[row]))
+      done |= np.isin(ids, stop)
+      emitted += 1
+      yield [int(i) for i in ids]
+      if done.all() or emitted == max_new_tokens:
+        break
+    if done.all() or emitted == max_new_tokens:
       break
     t0 = time.perf_counter()
-    next_ids, logits, cache = compiled_step(with_rows(params, ids[:, None]),
-                                            place(jnp.asarray(ids, jnp.int32)), cache,
-                                            place(jax.random.fold_in(key, step + 1)))
-    next_ids = jax.block_until_ready(next_ids)
-    _check_finite(logits, done, step + 1)
-    if step > 0:  # step 0 warms up (first run of the executable)
+    # the first call runs one step: it warms up (first run of the executable), untimed
+    columns, cache = advance(columns[-1], cache, emitted - 1, done,
+                             1 if emitted == 1 else max_new_tokens - emitted)
+    if emitted > 1:
       decode_s += time.perf_counter() - t0
-      steps += 1
+      steps += len(columns)
   result = Generation(tokens=out, prompt_tokens=int((positions >= 0).sum()), compile_s=compile_s,
                       prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps,
                       kv_cache_bytes=sum(x.nbytes for x in jax.tree.leaves(cache)))
   return result, cache
+
+
+def _advance(run: Runner, cache: KVCache, key: jax.Array, stop: np.ndarray, sampler: Sampler):
+  """Compiles the decoding steps of a run; returns advance(ids [B], cache, step, done [B], want)
+  -> (new token columns, each [B], cache): up to `want` steps after generation step `step`,
+  from `STEPS_PER_CALL` per device call (`steps.decode_loop`; a row's stop id or non-finite
+  logits end it early: that is raised, naming the step) down to one per call with the
+  per-layer-embedding table on the host (its rows are sent for each step's tokens)."""
+  cfg, params, place, with_rows = run.cfg, run.params, run.place, run.with_rows
+  b = cache.next_pos.shape[0]
+  zeros = place(jnp.zeros((b,), jnp.int32))
+  if run.ple_on_host:
+    compiled_step = _compiled_decode(cfg, sampler, *_signature(
+        (with_rows(params, np.zeros((b, 1), np.int32)), zeros, cache, key)))
+
+    def advance(ids, cache, step, done, want):
+      next_ids, logits, cache = compiled_step(with_rows(params, ids[:, None]),
+                                              place(jnp.asarray(ids, jnp.int32)), cache,
+                                              place(jax.random.fold_in(key, step + 1)))
+      next_ids = jax.block_until_ready(next_ids)
+      _check_finite(logits, done, step + 1)
+      return [np.asarray(next_ids)], cache
+    return advance
+
+  n = STEPS_PER_CALL
+  scalar = place(jnp.zeros((), jnp.int32))
+  compiled = _compiled_decode_loop(cfg, sampler, n, *_signature(
+      (params, zeros, cache, key, scalar, scalar, place(jnp.asarray(stop)),
+       place(jnp.zeros((b,), bool)))))
+  stop_ids = place(jnp.asarray(stop))
+
+  def advance(ids, cache, step, done, want):
+    new, ran, bad, cache = compiled(params, place(jnp.asarray(ids, jnp.int32)), cache, key,
+                                    place(jnp.asarray(step, jnp.int32)),
+                                    place(jnp.asarray(min(want, n), jnp.int32)), stop_ids,
+                                    place(jnp.asarray(done)))
+    new, ran, bad = np.asarray(new), int(ran), int(bad)
+    if bad >= 0:
+      raise FloatingPointError(
+          f"non-finite logits (NaN or inf) at generation step {step + bad + 1}: the weights or "
+          "the KV cache hold non-finite values")
+    return [new[:, i] for i in range(ran)], cache
+  return advance
 
 
 def drain(steps, on_token: Callable[[list[int]], None] | None = None):

@@ -92,8 +92,50 @@ def _decode(params: Params, tokens: jax.Array, cache: KVCache, key: jax.Array,
   return sample(logits, key, sampler), logits, cache
 
 
+# Decoding steps per device call of `decode_loop`: the host sees tokens (streaming, stop and
+# finiteness checks) once per call instead of once per token.
+STEPS_PER_CALL = 8
+
+
+def _decode_loop(params: Params, tokens: jax.Array, cache: KVCache, key: jax.Array,
+                 step: jax.Array, limit: jax.Array, stop: jax.Array, done: jax.Array,
+                 cfg: ModelConfig, sampler: Sampler, n: int):
+  """Up to `limit` (<= n) decoding steps in one call (`lax.while_loop`), each exactly
+  `_decode`'s with key `fold_in(key, step + i + 1)` for its i-th step; it ends early once every
+  row has stopped or a running row's logits are not finite.
+
+  Args:
+    tokens: [B] the last tokens (emitted, not yet fed); step: generation steps done before.
+    stop: [S] stop ids; done: [B] rows already stopped.
+  Returns:
+    (new tokens [B, n] (columns >= steps are 0), steps run, the step index i whose logits held
+    NaN or inf in a running row (its token is not valid) or -1, cache)
+  """
+  b = tokens.shape[0]
+
+  def cond(carry):
+    i, _, _, done, _, bad = carry
+    return (i < limit) & ~done.all() & (bad < 0)
+
+  def body(carry):
+    i, ids, cache, done, out, bad = carry
+    logits, cache = forward(params, ids[:, None], cache.next_pos[:, None], cfg, cache,
+                            logits_at=jnp.zeros((), jnp.int32))
+    nxt = sample(logits, jax.random.fold_in(key, step + i + 1), sampler)
+    bad = jnp.where((jnp.isfinite(logits).all(axis=-1) | done).all(), bad, i)
+    out = out.at[:, i].set(nxt)
+    return i + 1, nxt, cache, done | jnp.isin(nxt, stop), out, bad
+
+  zero = jnp.zeros((), jnp.int32)
+  init = (zero, tokens, cache, done, jnp.zeros((b, n), jnp.int32), zero - 1)
+  i, _, cache, _, out, bad = jax.lax.while_loop(cond, body, init)
+  return out, i, bad, cache
+
+
 prefill_step = jax.jit(_prefill, static_argnames=("cfg", "hidden"), donate_argnames=("cache",))
 decode_step = jax.jit(_decode, static_argnames=("cfg", "sampler"), donate_argnames=("cache",))
+decode_loop = jax.jit(_decode_loop, static_argnames=("cfg", "sampler", "n"),
+                      donate_argnames=("cache",))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -214,6 +256,14 @@ def _compiled_decode(cfg: ModelConfig, sampler: Sampler, treedef, shapes: tuple)
   args = _abstract(treedef, shapes)
   step = _jitted(_decode, decode_step, ("cfg", "sampler"), args[2], n_small=2)
   return step.lower(*args, cfg=cfg, sampler=sampler).compile()
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_decode_loop(cfg: ModelConfig, sampler: Sampler, n: int, treedef, shapes: tuple):
+  """Ahead-of-time compiled `decode_loop` of up to n steps per call."""
+  args = _abstract(treedef, shapes)
+  step = _jitted(_decode_loop, decode_loop, ("cfg", "sampler", "n"), args[2], n_small=3)
+  return step.lower(*args, cfg=cfg, sampler=sampler, n=n).compile()
 
 
 def compile_prompt(run: Runner, cache: KVCache, tokens: np.ndarray, positions: np.ndarray,
