@@ -8,11 +8,12 @@ or the environment variable GEMMA_KERNEL_IMPL), else Pallas on a GPU backend and
 A kernel raises NotImplementedError for shapes it cannot take; dispatch then falls through to
 XLA. Each (op, choice) is logged once (logger "pallas_kernels") and kept in `choices()`.
 
-An op may also register a "mosaic" kernel (Pallas Mosaic GPU; today the 4-bit codebook matmul):
-on a Hopper GPU (compute capability 9.x, `mosaic_device()`) "pallas" and "interpret" try it
-first, then the Triton kernel, then XLA, each on NotImplementedError; other cards keep Triton.
-GEMMA_KERNEL_MOSAIC=0 turns the Mosaic kernels off. `choices()` names them "mosaic" and
-"mosaic-interpret".
+An op may also register a "mosaic" kernel (Pallas Mosaic GPU; today the 4-bit codebook matmul).
+With GEMMA_KERNEL_MOSAIC=1 on a Hopper GPU (compute capability 9.x, `mosaic_device()`),
+"pallas" and "interpret" try it first, then the Triton kernel, then XLA, each on
+NotImplementedError; other cards keep Triton. It is opt-in until it has been compiled and run on
+a GPU (`scripts/gpu_check.sh` does both): a compile error on the device would not fall through.
+`choices()` names them "mosaic" and "mosaic-interpret".
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ def default_impl() -> str | None:
 
 def mosaic_device() -> bool:
   """True on a CUDA GPU of compute capability 9.x: the Mosaic kernels use wgmma (sm_90a only;
-  Blackwell's tensor cores take tcgen05.mma), unless GEMMA_KERNEL_MOSAIC=0."""
-  if os.environ.get("GEMMA_KERNEL_MOSAIC", "1") == "0" or jax.default_backend() != "gpu":
+  Blackwell's tensor cores take tcgen05.mma), when GEMMA_KERNEL_MOSAIC=1 (opt-in)."""
+  if os.environ.get("GEMMA_KERNEL_MOSAIC", "0") != "1" or jax.default_backend() != "gpu":
     return False
   cc = str(getattr(jax.devices()[0], "compute_capability", "") or "")
   return cc.split(".")[0] == "9"

@@ -39,9 +39,10 @@ step 60 "KV attention kernel tests (compiled)" "$PY" -m pytest -q -x -p no:cache
   tests/test_tq_attention.py -k "not lower_for_cuda"
 step 90 "flash attention kernel tests (compiled)" "$PY" -m pytest -q -x -p no:cacheprovider \
   tests/test_flash_attention.py -k "kernel and not lowers"
+export GEMMA_KERNEL_MOSAIC=1  # opt-in: the registry picks the Mosaic kernel on Hopper
 if ! step 90 "Mosaic GPU codebook matmul tests (compiled, sm_90 only)" "$PY" -m pytest -q -x -rs \
     -p no:cacheprovider tests/test_mosaic_kernels.py -k "not lowers_for_cuda"; then
-  # the registry picks the Mosaic kernel on Hopper: keep the Triton figures below coming
+  # keep the Triton figures below coming
   export GEMMA_KERNEL_MOSAIC=0
   echo "=== GEMMA_KERNEL_MOSAIC=0 for the remaining steps" | tee -a "${LOG:-/dev/null}"
 fi

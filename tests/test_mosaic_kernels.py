@@ -136,6 +136,8 @@ def test_registry_tries_mosaic_first_on_hopper(monkeypatch):
   assert _rel_err(y, exact) < TOL[jnp.bfloat16]
   assert ("codebook_matmul", "xla") in registry.choices()
   monkeypatch.undo()
+  monkeypatch.delenv("GEMMA_KERNEL_MOSAIC", raising=False)
+  assert not registry.mosaic_device()  # opt-in, and only on a GPU
   monkeypatch.setenv("GEMMA_KERNEL_MOSAIC", "0")
   assert not registry.mosaic_device()
 
