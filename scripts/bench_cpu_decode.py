@@ -42,8 +42,12 @@ import gemma  # noqa: E402
 from gemma.inference import steps  # noqa: E402
 from gemma.kv.cache import init_cache  # noqa: E402
 from gemma.model import config as C  # noqa: E402
-from gemma.model import fused  # noqa: E402
 from gemma.model import params as P  # noqa: E402
+
+try:
+  from gemma.model import fused
+except ImportError:  # a checkout from before fusion (the "before" row)
+  fused = None
 
 PROMPT = "The history of the city of Rome begins"
 COUNTED = ("fusion", "dot", "copy", "custom-call", "concatenate", "dynamic-update-slice",
@@ -127,8 +131,11 @@ def main(argv=None) -> int:
   path = args.gguf or subprocess.run([sys.executable, str(ROOT / "scripts/gemma3_270m_path.py")],
                                      capture_output=True, text=True, check=True).stdout.strip()
 
-  models = {"separate": gemma.load(path, dtype="float32", fuse=False),
-            "fused": gemma.load(path, dtype="float32")}
+  try:
+    models = {"separate": gemma.load(path, dtype="float32", fuse=False),
+              "fused": gemma.load(path, dtype="float32")}
+  except TypeError:  # a checkout from before fusion (the "before" row): one variant
+    models = {"separate": gemma.load(path, dtype="float32")}
   ids = models["fused"].encode(PROMPT)
   result = dict(gguf=path, tokens=args.tokens, threads=args.threads, prompt_ids=ids,
                 jax=jax.__version__, ours={})
@@ -143,7 +150,7 @@ def main(argv=None) -> int:
   for name, model in models.items():
     result["ours"][name] = dict(tokens_per_s=best[name], calls=call_count(model.params, model.cfg),
                                 token_ids=tokens[name])
-  if tokens["separate"] != tokens["fused"]:
+  if tokens["separate"] != tokens.get("fused", tokens["separate"]):
     print("WARNING: the fused model generated different tokens")
   peer = llama_cpp_run(args.llama_python, path, args.threads, args.tokens, ids, args.repeats)
   result["llama_cpp"] = peer
@@ -157,7 +164,8 @@ def main(argv=None) -> int:
           f"/ {c['copy']}) | {ratio} |")
   if peer:
     print(f"| llama.cpp ({args.threads} threads) | {peer['tokens_per_s']:.2f} | - | 1.00x |")
-    same = sum(a == b for a, b in zip(peer["token_ids"], tokens["fused"], strict=False))
+    ours = tokens.get("fused", tokens["separate"])
+    same = sum(a == b for a, b in zip(peer["token_ids"], ours, strict=False))
     print(f"\nllama.cpp and ours agree on the first {same} of {args.tokens} greedy tokens "
           "(ours runs the dequantized weights in float32, llama.cpp the quantized blocks)")
   if args.json_out:

@@ -101,8 +101,9 @@ def scatter(old, new, start: jax.Array, num_columns: jax.Array):
   if t == 1:  # a decode step (its column is valid): an in-place update, never a copy of `old`
     # the barrier keeps XLA from duplicating the update into each reader of the new buffer
     # (the attention and the returned cache), which copied the whole buffer every step
-    return jax.lax.optimization_barrier(jax.tree.map(lambda o, n: jax.lax.dynamic_update_slice_in_dim(
-        o, n.astype(o.dtype), start % s, axis=1), old, new))
+    return jax.lax.optimization_barrier(jax.tree.map(
+        lambda o, n: jax.lax.dynamic_update_slice_in_dim(o, n.astype(o.dtype), start % s, axis=1),
+        old, new))
   col = jnp.arange(t)
   keep = (col < num_columns) & (col >= num_columns - s)
   # [T] slot per column; S (out of range) drops the write
