@@ -56,25 +56,26 @@ COUNTED = ("fusion", "dot", "copy", "custom-call", "concatenate", "dynamic-updat
 LLAMA = textwrap.dedent("""
     import json, sys
     import llama_cpp
+    import llama_cpp.llama_cpp as lc
     path, threads, n, ids = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
-    default = llama_cpp.llama_model_default_params
-    def params():  # its AMX repack buffers crash on this CPU kind
+    default = lc.llama_model_default_params
+    def params():  # its AMX repack buffers crash on this CPU kind (SIGILL)
       p = default()
       p.use_extra_bufts = False
       return p
-    llama_cpp.llama_model_default_params = params
+    lc.llama_model_default_params = params
     llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads,
                           n_ctx=len(ids) + n + 8, verbose=False)
     best = 0.0
     for _ in range(int(sys.argv[5])):
       llm.reset()
-      llama_cpp.llama_perf_context_reset(llm.ctx)
+      lc.llama_perf_context_reset(llm.ctx)
       out = []
       for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
         out.append(int(tok))
         if len(out) == n:
           break
-      perf = llama_cpp.llama_perf_context(llm.ctx)
+      perf = lc.llama_perf_context(llm.ctx)
       best = max(best, perf.n_eval / (perf.t_eval_ms / 1e3))
     print(json.dumps(dict(tokens_per_s=best, token_ids=out)))
 """)
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
               "fused": gemma.load(path, dtype="float32")}
   except TypeError:  # a checkout from before fusion (the "before" row): one variant
     models = {"separate": gemma.load(path, dtype="float32")}
-  ids = models["fused"].encode(PROMPT)
+  ids = models["separate"].encode(PROMPT)
   result = dict(gguf=path, tokens=args.tokens, threads=args.threads, prompt_ids=ids,
                 jax=jax.__version__, ours={})
   best = {name: 0.0 for name in models}
