@@ -138,3 +138,15 @@ def named_arrays(params: Params, cfg: ModelConfig, dtype=None) -> tuple[dict[str
                  "function, not the same storage; quantize again to get the codes back")
   notes += [f"cast {c}: values rounded" for c in sorted(narrowed)]
   return out, notes
+
+
+def source_name(table: RegexTable, param: str) -> str | None:
+  """The source tensor name that `table`'s first row producing `param` gives it
+  ("layers.3.attn.q" -> "layers.3.self_attn.q_proj.weight" in `hf.TABLE`); None if no row does
+  (a row that fills several params, such as fused gate/up, names the tensor that holds them)."""
+  for pattern, targets, _ in table.rows:
+    for template in targets or ():
+      m = _target_regex(template).fullmatch(param)
+      if m is not None:
+        return _source_name(pattern.pattern, m.groups())
+  return None
