@@ -18,6 +18,7 @@ Two config.json spellings are accepted, as the reference does:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -237,3 +238,125 @@ def from_hf_config(hf: Mapping[str, Any], name: str = "hf") -> ModelConfig:
       bos_id=int(hf.get("bos_token_id") or 2),
       eos_ids=eos_ids_from_hf(top.get("eos_token_id", hf.get("eos_token_id"))),
   )
+
+
+# ---------------------------------------------------------------- config.json from a config
+# Runtime knobs of ModelConfig that are not part of the architecture (never exported)
+_RUNTIME_FIELDS = ("name", "attention_impl", "attention_block")
+
+
+def _unexpressible(field: str, value: Any, why: str) -> ValueError:
+  return ValueError(f"cannot export to a Hugging Face config: {field}={value!r} ({why})")
+
+
+def _rope_to_hf(rope: RopeConfig, where: str, kinds: tuple[str, ...]) -> dict[str, Any]:
+  if rope.kind not in kinds:
+    raise _unexpressible(f"{where}.kind", rope.kind, f"this architecture takes {kinds}")
+  out: dict[str, Any] = {"rope_type": rope.kind, "rope_theta": float(rope.theta)}
+  if rope.kind == "default" and (rope.factor != 1.0 or rope.partial_rotary_factor != 1.0):
+    raise _unexpressible(where, rope, "default RoPE has no factor or partial rotation")
+  if rope.partial_rotary_factor != 1.0:
+    out["partial_rotary_factor"] = float(rope.partial_rotary_factor)
+  if rope.kind == "linear" or rope.factor != 1.0:
+    out["factor"] = float(rope.factor)
+  return out
+
+
+def _eos_to_hf(eos_ids: tuple[int, ...]) -> int | list[int] | None:
+  if not eos_ids:
+    return None
+  return int(eos_ids[0]) if len(eos_ids) == 1 else [int(i) for i in eos_ids]
+
+
+def _common_hf(cfg: ModelConfig) -> dict[str, Any]:
+  return dict(
+      attention_bias=False, attention_dropout=0.0, bos_token_id=cfg.bos_id,
+      eos_token_id=_eos_to_hf(cfg.eos_ids), pad_token_id=cfg.pad_id,
+      final_logit_softcapping=cfg.final_softcap, head_dim=cfg.head_dim,
+      hidden_activation="gelu_pytorch_tanh", hidden_size=cfg.embed_dim, initializer_range=0.02,
+      intermediate_size=cfg.ffn_dim, layer_types=[t.value for t in cfg.layer_types],
+      max_position_embeddings=cfg.max_position_embeddings,
+      num_attention_heads=cfg.num_heads, num_hidden_layers=cfg.num_layers,
+      num_key_value_heads=cfg.num_kv_heads, rms_norm_eps=cfg.rms_eps,
+      sliding_window=cfg.sliding_window, tie_word_embeddings=True, use_cache=True,
+      vocab_size=cfg.vocab_size)
+
+
+def _gemma3_hf(cfg: ModelConfig) -> dict[str, Any]:
+  for field, off in (("use_v_norm", False), ("use_layer_scalar", False), ("ple_dim", 0),
+                     ("num_experts", 0), ("num_kv_shared_layers", 0), ("k_eq_v", False),
+                     ("double_wide_mlp", False)):
+    if getattr(cfg, field) != off:
+      raise _unexpressible(field, getattr(cfg, field), f"Gemma 3 has {field}={off!r}")
+  if cfg.global_head_dim not in (None, cfg.head_dim):
+    raise _unexpressible("global_head_dim", cfg.global_head_dim, "Gemma 3 has one head size")
+  scalar = cfg.query_pre_attn_scalar
+  if scalar is None or float(scalar) != int(scalar):
+    raise _unexpressible("query_pre_attn_scalar", scalar, "Gemma 3 needs an integer")
+  kinds = ("default", "linear")
+  return dict(
+      architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", **_common_hf(cfg),
+      attn_logit_softcapping=cfg.attn_softcap, query_pre_attn_scalar=int(scalar),
+      rope_parameters={"full_attention": _rope_to_hf(cfg.rope_global, "rope_global", kinds),
+                       "sliding_attention": _rope_to_hf(cfg.rope_local, "rope_local", kinds)},
+      use_bidirectional_attention=False)
+
+
+def _gemma4_hf(cfg: ModelConfig) -> dict[str, Any]:
+  for field, want in (("use_v_norm", True), ("use_layer_scalar", True),
+                      ("query_pre_attn_scalar", None), ("attn_softcap", None)):
+    if getattr(cfg, field) != want:
+      raise _unexpressible(field, getattr(cfg, field), f"Gemma 4 has {field}={want!r}")
+  if cfg.layer_types[-1] is not AttentionType.GLOBAL:
+    raise _unexpressible("layer_types[-1]", cfg.layer_types[-1].value,
+                         "transformers forces the last Gemma 4 layer to full_attention")
+  if not cfg.eos_ids:
+    raise _unexpressible("eos_ids", cfg.eos_ids, "a Gemma 4 config.json without EOS means 1")
+  override: dict[str, int] = {"head_dim": cfg.global_head_dim or cfg.head_dim}
+  if cfg.k_eq_v and cfg.num_global_kv_heads is not None:
+    override["num_key_value_heads"] = cfg.num_global_kv_heads
+  kinds = ("default", "proportional", "linear")
+  moe = cfg.num_experts > 0
+  return dict(
+      architectures=["Gemma4ForCausalLM"], model_type="gemma4_text", **_common_hf(cfg),
+      attention_k_eq_v=cfg.k_eq_v, enable_moe_block=moe,
+      hidden_size_per_layer_input=cfg.ple_dim,
+      moe_intermediate_size=cfg.moe_ffn_dim if moe else None,
+      num_experts=cfg.num_experts if moe else None,
+      top_k_experts=cfg.top_k_experts if moe else None,
+      num_kv_shared_layers=cfg.num_kv_shared_layers,
+      # save_pretrained's spelling: every global layer's head size (and K/V heads with k_eq_v)
+      per_layer_config={str(s.index): dict(override) for s in cfg.layers
+                        if s.attention is AttentionType.GLOBAL},
+      rope_parameters={"full_attention": _rope_to_hf(cfg.rope_global, "rope_global", kinds),
+                       "sliding_attention": _rope_to_hf(cfg.rope_local, "rope_local", kinds)},
+      use_bidirectional_attention=None, use_double_wide_mlp=cfg.double_wide_mlp,
+      vocab_size_per_layer_input=cfg.ple_vocab_size if cfg.ple_dim else cfg.vocab_size)
+
+
+def _comparable(cfg: ModelConfig) -> ModelConfig:
+  """`cfg` with runtime knobs at their defaults and fields the model ignores made canonical
+  (no global head size means the local one; global K/V heads only count with k_eq_v)."""
+  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+              if f.name in _RUNTIME_FIELDS[1:]}
+  return dataclasses.replace(
+      cfg, name="", **defaults, global_head_dim=cfg.global_head_dim or cfg.head_dim,
+      num_global_kv_heads=cfg.num_global_kv_heads if cfg.k_eq_v else None)
+
+
+def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+  """The Hugging Face `config.json` dict of a text model: `gemma3_text` (Gemma3ForCausalLM)
+  when the config is Gemma 3 (`norm_plus_one`), else `gemma4_text` (Gemma4ForCausalLM), in
+  the spelling transformers 5 `save_pretrained` writes (`layer_types`, per-type
+  `rope_parameters`, Gemma 4's `per_layer_config`). `from_hf_config` of the result gives
+  `cfg` back (up to its name and the attention_impl / attention_block knobs); a config the
+  format cannot express raises ValueError naming the field."""
+  out = _gemma3_hf(cfg) if cfg.norm_plus_one else _gemma4_hf(cfg)
+  back = from_hf_config(out, name=cfg.name)
+  want, got = _comparable(cfg), _comparable(back)
+  if want != got:
+    diff = [f"{f.name}={getattr(want, f.name)!r} (would load as {getattr(got, f.name)!r})"
+            for f in dataclasses.fields(ModelConfig)
+            if getattr(want, f.name) != getattr(got, f.name)]
+    raise ValueError("cannot export to a Hugging Face config: " + "; ".join(diff))
+  return dict(sorted(out.items()))
