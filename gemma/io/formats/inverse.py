@@ -33,7 +33,7 @@ from gemma.io.formats.common import (
 )
 from gemma.model import fused
 from gemma.model.config import ModelConfig
-from gemma.model.params import Params, leaf_names
+from gemma.model.params import Params, path_name
 from gemma.model.weights import weight_info
 from gemma.quant.qarray import QArray, dequantize
 
@@ -121,9 +121,11 @@ def named_arrays(params: Params, cfg: ModelConfig, dtype=None) -> tuple[dict[str
   (None: each leaf's own dtype). `notes` says what the export loses: quantized leaves written
   as their dequantized values (the codes themselves are not kept) and narrowing casts."""
   params = fused.unfuse(params, cfg)
-  leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QArray))
+  # a QArray is one leaf here (leaf_names would name its codes, scales, ... separately)
+  flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QArray))
   out, dequantized, narrowed = {}, [], set()
-  for name, leaf in zip(leaf_names(params), leaves, strict=True):
+  for path, leaf in flat:
+    name = path_name(path)
     if isinstance(leaf, QArray):
       dequantized.append(name)
       leaf = dequantize(leaf)
