@@ -1,6 +1,7 @@
 """PEFT adapter export (issue 24 item 2): base + (lora_alpha/r)·lora_B @ lora_A, read back from
 the exported files as PEFT would apply them, equals the weights `merge-lora` writes, for every
-LoRA target kind (q, k, v, o, gate, up, down); errors for runs PEFT cannot express."""
+LoRA target kind (q, k, v, o, gate, up, down) on the four HF fixture families; errors for runs
+PEFT cannot express."""
 
 import json
 import os
@@ -55,7 +56,7 @@ def hf_layout(path) -> dict[str, np.ndarray]:
   return dict(source_tensors(hf.TABLE, named_arrays(params, cfg)[0]))
 
 
-@pytest.mark.parametrize("family", ["e_style", "gemma3"])
+@pytest.mark.parametrize("family", ["e_style", "dense_keqv", "moe", "gemma3"])
 def test_peft_update_reproduces_merge_lora(family, tmp_path, capsys):
   base = os.path.join(FIXTURES, family)
   run_cfg, adapters = lora_run(tmp_path / "run", base, rank=4, alpha=8.0)
