@@ -188,8 +188,8 @@ def export_hf(params: Params, cfg: ModelConfig, out: str | Path, *, dtype: str =
     raise ValueError(f"max_shard_bytes={max_shard_bytes} must be >= 1")
   if str(dtype) not in DTYPES:
     raise ValueError(f"export dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
-  config = to_hf_config(cfg)  # before any work: refuse what HF cannot express
-  config["dtype"] = str(dtype)
+  # before any work: refuse what HF cannot express
+  config = dict(sorted({**to_hf_config(cfg), "dtype": str(dtype)}.items()))
   target = atomic.check_target(out, force, kind="Hugging Face checkpoint",
                                replaceable=is_hf_export)
   t0 = time.perf_counter()
