@@ -209,3 +209,13 @@ def test_bad_requests_write_nothing(tmp_path):
   with pytest.raises(ValueError, match="query_pre_attn_scalar"):
     export_hf(params, dataclasses.replace(cfg, query_pre_attn_scalar=2.5), tmp_path / "a")
   assert not list(tmp_path.iterdir())
+
+
+def test_multimodal_source_is_noted(tmp_path):
+  cfg, params = load_hf(fixture_dir("gemma3"), jnp.float32)
+  src = tmp_path / "src"
+  src.mkdir()
+  (src / "config.json").write_text(json.dumps({"model_type": "gemma3", "vision_config": {"a": 1},
+                                               "text_config": _hf_json("gemma3")}))
+  _, notes = export_hf(params, cfg, tmp_path / "out", tokenizer_source=src)
+  assert any("vision tower" in n for n in notes)

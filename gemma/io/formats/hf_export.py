@@ -154,6 +154,21 @@ def copy_tokenizer(source: str | Path | None, out: Path) -> list[str]:
   return []
 
 
+def _multimodal_note(source: str | Path | None) -> list[str]:
+  """A note when the source is a multimodal HF checkpoint (its towers are not exported)."""
+  if source is None or not (Path(source) / "config.json").is_file():
+    return []
+  try:
+    src = json.loads((Path(source) / "config.json").read_text())
+  except (OSError, ValueError):
+    return []
+  towers = [k for k in ("vision_config", "audio_config") if src.get(k)]
+  if not towers:
+    return []
+  return [f"text model only: the source's {' and '.join(t.split('_')[0] for t in towers)} "
+          "tower(s) are not exported (the export is a CausalLM)"]
+
+
 def generation_config(cfg: ModelConfig, source: str | Path | None) -> dict:
   """The source's `generation_config.json` (sampling defaults), if any, with the config's ids."""
   gen: dict = {}
@@ -200,10 +215,8 @@ def export_hf(params: Params, cfg: ModelConfig, out: str | Path, *, dtype: str =
     gen = generation_config(cfg, tokenizer_source)
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     write_weights(tmp, tensors, max_shard_bytes)
-    notes = notes + copy_tokenizer(tokenizer_source, tmp)
+    notes = notes + copy_tokenizer(tokenizer_source, tmp) + _multimodal_note(tokenizer_source)
   size = sum(a.nbytes for _, a in tensors)
   log(f"wrote {target} ({len(tensors)} tensors, {size / 1e9:.2f} GB) in "
       f"{time.perf_counter() - t0:.1f} s")
-  for note in notes:
-    log(f"note: {note}")
   return target, notes
