@@ -55,7 +55,9 @@ def hf_tensors(params: Params, cfg: ModelConfig, dtype: str = "bfloat16"
   if str(dtype) not in DTYPES:
     raise ValueError(f"export dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
   named, notes = named_arrays(params, cfg, DTYPES[str(dtype)])
-  tensors = [(PREFIX + n, np.ascontiguousarray(a)) for n, a in source_tensors(hf.TABLE, named)]
+  # views of `named` (transposes, reshapes): each is made contiguous only as it is written, so
+  # the host holds the model once at the export dtype, plus one tensor
+  tensors = [(PREFIX + n, a) for n, a in source_tensors(hf.TABLE, named)]
   return sorted(tensors, key=lambda t: _natural(t[0])), notes
 
 
