@@ -5,6 +5,7 @@ transformers' side is checked by scripts/check_export_reference.py (docs/BENCHMA
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -96,17 +97,11 @@ def test_export_reloads_bit_identical(name, tmp_path):
   _assert_same_params(params, params2)
   # the same tensors (names, dtypes, shapes) as the save_pretrained file
   _, ours = hf.read_header(out / "model.safetensors")
-  _, ref = hf.read_header(hf.safetensors_files(fixture_dir_path(name))[0])
+  _, ref = hf.read_header(hf.safetensors_files(Path(fixture_dir(name)))[0])
   assert {k: (v["dtype"], v["shape"]) for k, v in ours.items()} == {
       k: (v["dtype"], v["shape"]) for k, v in ref.items()}
   gen = json.loads((out / "generation_config.json").read_text())
   assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (2, 1, 0)
-
-
-def fixture_dir_path(name):
-  from pathlib import Path
-
-  return Path(fixture_dir(name))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
