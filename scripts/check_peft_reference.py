@@ -3,16 +3,16 @@ and reproduces the logits of our `merge-lora`d model.
 
 Two steps, one per venv (the reference venv has torch + transformers + peft, no jax):
 
-  # 1. ours (.venv): a LoRA run on the HF fixture (non-zero random B on every target, or
-  #    --run an existing `finetune --out` directory), its PEFT export, `merge-lora`, and the
-  #    merged model's logits (and the adapter path's, LoraWeight through forward) on the
-  #    fixture's prompt
+  # 1. ours (.venv): a LoRA run on BASE (any checkpoint we load; non-zero random B on every
+  #    target, or --run an existing `finetune --out` directory on it), the base exported as an
+  #    HF directory (`export_hf`, float32: WORK/base_hf), the adapter exported for PEFT
+  #    (`export_peft`: WORK/peft), `merge-lora`, and the merged model's logits (and the adapter
+  #    path's, LoraWeight through forward) on the fixture's prompt (WORK/ours.npz)
   .venv/bin/python scripts/check_peft_reference.py ours --base tests/fixtures/e_style \
       --work /tmp/peft_e_style
-  # 2. the reference (.venv-ref): AutoModelForCausalLM.from_pretrained(base) +
-  #    PeftModel.from_pretrained(model, WORK/peft), float32, eager attention, same prompt
-  .venv-ref/bin/python scripts/check_peft_reference.py reference --base tests/fixtures/e_style \
-      --work /tmp/peft_e_style
+  # 2. the reference (.venv-ref): AutoModelForCausalLM.from_pretrained(WORK/base_hf, or --base)
+  #    + PeftModel.from_pretrained(model, WORK/peft), float32, eager attention, same prompt
+  .venv-ref/bin/python scripts/check_peft_reference.py reference --work /tmp/peft_e_style
 
 `reference` prints one JSON line: max|peft - merged| / max|merged| (must be <= 1e-4), the same
 against the base without the adapter (how much the adapter moves the logits), and the PEFT model's
@@ -81,6 +81,7 @@ def ours(args) -> int:
   jax.config.update("jax_default_matmul_precision", "highest")
   from gemma.cli.train import cmd_merge_lora
   from gemma.io.checkpoint import load
+  from gemma.io.formats.hf_export import export_hf
   from gemma.io.formats.peft_export import export_peft
   from gemma.model.transformer import forward
   from gemma.training import load_trained, lora
@@ -90,19 +91,19 @@ def ours(args) -> int:
   run_dir = Path(args.run).absolute() if args.run else work / "run"
   if not args.run:
     _synthetic_run(run_dir, Path(args.base).absolute(), args.seed)
-  _, notes = export_peft(run_dir, work / "peft", force=True,
-                         base_model=str(Path(args.base).absolute()))
-  for n in notes:
+  cfg, base = load(Path(args.base), jnp.float32)
+  _, notes = export_hf(base, cfg, work / "base_hf", dtype="float32", force=True)
+  _, more = export_peft(run_dir, work / "peft", force=True, base_model=str(work / "base_hf"))
+  for n in notes + more:
     print(n, file=sys.stderr)
   # `gemma4 merge-lora --adapters RUN --out WORK/merged --dtype float32 --checkpoint BASE`
   cmd_merge_lora(types.SimpleNamespace(adapters=str(run_dir), out=str(work / "merged"),
                                        dtype="float32", checkpoint=str(args.base), force=True))
   tokens = jnp.asarray(_prompt(Path(args.base)))[None]
   pos = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-  cfg, merged = load(work / "merged", jnp.float32)
+  _, merged = load(work / "merged", jnp.float32)
   logits, _ = forward(merged, tokens, pos, cfg)
   adapters, run_cfg, _ = load_trained(run_dir)
-  _, base = load(Path(args.base), jnp.float32)
   adapted, _ = forward(lora.with_adapters(base, adapters, run_cfg.lora_scale), tokens, pos, cfg)
   np.savez(work / "ours.npz", tokens=np.asarray(tokens[0]), merged=np.asarray(logits[0]),
            adapter_path=np.asarray(adapted[0]))
@@ -128,18 +129,21 @@ def reference(args) -> int:
     with torch.no_grad():
       return model(input_ids=tokens).logits[0].double().numpy()
 
+  base = Path(args.base).absolute() if args.base else work / "base_hf"
+
   def base_model():
     return AutoModelForCausalLM.from_pretrained(
-        args.base, dtype=torch.float32, attn_implementation="eager").eval()
+        base, dtype=torch.float32, attn_implementation="eager").eval()
 
   plain = logits_of(base_model())
   model = peft.PeftModel.from_pretrained(base_model(), str(work / "peft")).eval()
+  arch = type(model.get_base_model()).__name__
   lora_modules = sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in model.modules())
   with_adapter = logits_of(model)
   merged_by_peft = logits_of(model.merge_and_unload())
   ours = saved["merged"]
   result = dict(
-      base=str(args.base), family=Path(args.base).name, tokens=int(tokens.shape[1]),
+      base=str(base), model=arch, tokens=int(tokens.shape[1]),
       lora_modules=lora_modules, adapter_tensors=len(_adapter_keys(work / "peft")),
       peft_vs_merged=_rel(with_adapter, ours),
       peft_merge_and_unload_vs_merged=_rel(merged_by_peft, ours),
@@ -169,7 +173,7 @@ def main(argv=None) -> int:
   o.add_argument("--run", help="an existing LoRA run on --base (default: a synthetic one)")
   o.add_argument("--seed", type=int, default=0)
   r = sub.add_parser("reference", help="(.venv-ref) PEFT on the HF base vs our logits")
-  r.add_argument("--base", required=True)
+  r.add_argument("--base", help="the HF base (default: WORK/base_hf, our export of it)")
   r.add_argument("--work", required=True)
   args = p.parse_args(argv)
   return ours(args) if args.step == "ours" else reference(args)
