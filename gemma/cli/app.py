@@ -24,6 +24,9 @@
   gemma4 plan     --preset P [--quant RECIPE] [--kv-quant KV] --mesh DxM --context T [--batch B]
                   [--device-memory 80] [--ple-on-host] [--devices N] [--json]
                   (exit 3 if it does not fit)
+  gemma4 export   --checkpoint PATH --format hf|gguf --out DIR|FILE.gguf [--dtype bfloat16]
+                  [--type f32|f16|bf16|q8_0] | --adapters RUN_DIR --format peft --out DIR
+                  [--force]   (gemma/cli/export.py)
 
 RECIPE: tq4, tq3, tq2, tq-mixed (TurboQuant), int8, int4 (g128), nf4, bf16 (gemma.quant.recipes),
     and variants <tq2..tq5|nf4|int4>[-g64|-g32][-embed8].
@@ -43,7 +46,7 @@ import argparse
 import os
 import sys
 
-from gemma.cli import common, quant, run, scale, train
+from gemma.cli import common, export, quant, run, scale, train
 from gemma.io.checkpoint import CheckpointError
 from gemma.model.config import PRESETS
 from gemma.parallel import distributed
@@ -101,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
   quant.add_quantize_parser(sub)
   train.add_parsers(sub, PRESETS, RECIPES)
   scale.add_parsers(sub, PRESETS, RECIPES)
+  export.add_parser(sub, PRESETS)
   for p in (gen, ch, lg, ev):
     p.add_argument("--mesh", default=None, help="DxM device mesh: params sharded by "
                    "gemma.parallel.sharding (tensor parallel over model, FSDP over data)")
@@ -118,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
 COMMANDS = {"generate": run.cmd_generate, "logits": run.cmd_logits, "chat": run.cmd_chat,
             "info": run.cmd_info, "convert": run.cmd_convert, "quantize": quant.cmd_quantize,
             "eval": quant.cmd_eval, "finetune": train.cmd_finetune,
-            "merge-lora": train.cmd_merge_lora, "plan": scale.cmd_plan}
+            "merge-lora": train.cmd_merge_lora, "plan": scale.cmd_plan,
+            "export": export.cmd_export}
 
 
 def _out_of_memory(e: BaseException) -> bool:
