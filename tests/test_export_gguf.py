@@ -109,7 +109,8 @@ def _assert_same(got: dict, want: dict):
 def test_f32_round_trip_params_and_logits(family, tmp_path):
   cfg, params = _model(family)
   src = _source(family, tmp_path)
-  path, notes = export_gguf(params, cfg, tmp_path / "m.gguf", tokenizer_source=src)
+  path, notes = export_gguf(params, cfg, tmp_path / "m.gguf", tokenizer_source=src,
+                            strict=False)
   assert path == (tmp_path / "m.gguf").absolute() and not list(tmp_path.glob(".m.gguf*"))
   cfg2, params2 = checkpoint.load(path, jnp.float32)
   ignore = dict(name=cfg.name, eos_ids=cfg.eos_ids)
@@ -131,8 +132,8 @@ def test_fused_params_write_the_same_file(tmp_path):
   cfg, params = _model("e_style")
   model = gemma.load(fixture_dir("e_style"), dtype=jnp.float32)
   assert any("qkv" in k for k in _leaves_raw(model.params))
-  a, _ = export_gguf(params, cfg, tmp_path / "a.gguf")
-  b, _ = export_gguf(model.params, model.cfg, tmp_path / "b.gguf")
+  a, _ = export_gguf(params, cfg, tmp_path / "a.gguf", strict=False)
+  b, _ = export_gguf(model.params, model.cfg, tmp_path / "b.gguf", strict=False)
   assert a.read_bytes() == b.read_bytes()
 
 
@@ -196,8 +197,9 @@ def _rule(name: str, shape, type_: str):
 def test_rounded_types_within_the_format_and_logits_of_the_rounded_params(family, type_,
                                                                           tmp_path):
   cfg, params = _model(family)
-  exact, _ = export_gguf(params, cfg, tmp_path / "f32.gguf")
-  path, notes = export_gguf(params, cfg, tmp_path / f"{type_}.gguf", type=type_)
+  exact, _ = export_gguf(params, cfg, tmp_path / "f32.gguf", strict=False)
+  path, notes = export_gguf(params, cfg, tmp_path / f"{type_}.gguf", type=type_,
+                            strict=False)
   f, ref = G.GGUFFile(path), G.GGUFFile(exact)
   assert f.get("general.file_type") == gguf_export._FILE_TYPES[type_]
   assert list(f.tensors) == list(ref.tensors)
@@ -225,8 +227,8 @@ def test_rounded_types_within_the_format_and_logits_of_the_rounded_params(family
 @pytest.mark.parametrize("family", ["e_style", "gemma3"])
 def test_tokenizer_metadata_round_trip(family, tmp_path):
   cfg, params = _model(family)
-  path, _ = export_gguf(params, cfg, tmp_path / "t.gguf", tokenizer_source=_source(family,
-                                                                                     tmp_path))
+  path, _ = export_gguf(params, cfg, tmp_path / "t.gguf",
+                        tokenizer_source=_source(family, tmp_path), strict=False)
   sp = Tokenizer.from_proto(_sp(family), "source")
   back = tokenizer_from_gguf(path)
   for text in TEXTS:
@@ -247,9 +249,10 @@ def test_tokenizer_object_and_chat_template_of_the_directory(tmp_path):
   src = _source("e_style", tmp_path)
   (src / "chat_template.jinja").write_text("{{ bos_token }}custom")
   tok = Tokenizer.from_proto(_sp("e_style"), "tok")
-  path, _ = export_gguf(params, cfg, tmp_path / "a.gguf", tokenizer=tok, tokenizer_source=src)
+  path, _ = export_gguf(params, cfg, tmp_path / "a.gguf", tokenizer=tok, tokenizer_source=src,
+                        strict=False)
   assert G.GGUFFile(path).get("tokenizer.chat_template") == "{{ bos_token }}custom"
-  path, notes = export_gguf(params, cfg, tmp_path / "b.gguf")
+  path, notes = export_gguf(params, cfg, tmp_path / "b.gguf", strict=False)
   assert "tokenizer.ggml.tokens" not in G.GGUFFile(path).metadata
   assert any("llama.cpp cannot load it" in n for n in notes)
 
@@ -272,6 +275,26 @@ def test_config_the_architecture_cannot_express_is_refused(tmp_path):
   with pytest.raises(ValueError, match="unknown GGUF type 'q4_k'"):
     export_gguf(params4, cfg4, tmp_path / "x.gguf", type="q4_k")
   assert not list(tmp_path.iterdir())
+
+
+def test_what_only_llama_cpp_cannot_run_needs_strict_false(tmp_path):
+  """The e_style fixture's KV-shared layers read layers 4 (global) and 5 (sliding); llama.cpp
+  reads the last non-shared layer for global and the one before for sliding layers (and would
+  abort). The file expresses it (our loader reads it back exactly): refused unless
+  strict=False, which says so. A tiny E2B-style config laid out as llama.cpp expects passes."""
+  from gemma.model.params import init
+  from tests.conftest import tiny
+
+  cfg, params = _model("e_style")
+  with pytest.raises(ValueError, match=r"KV sharing: .*layers \[6, 7, 8, 9\] read \[5, 5, 5, 4\]"):
+    export_gguf(params, cfg, tmp_path / "x.gguf")
+  _, notes = export_gguf(params, cfg, tmp_path / "x.gguf", strict=False)
+  assert any(n.startswith("llama.cpp will not run this file: KV sharing") for n in notes)
+  ple = dataclasses.replace(cfg, ple_vocab_size=cfg.vocab_size // 2)
+  assert any("ple_vocab_size=256" in m for m in gguf_export.llama_cpp_limits(ple))
+  ok = tiny("gemma4-e2b", num_kv_shared_layers=5)  # layers 3 sliding, 4 global, then shared
+  assert not gguf_export.llama_cpp_limits(ok)
+  export_gguf(init(jax.random.key(0), ok), ok, tmp_path / "ok.gguf")
 
 
 def test_existing_output_needs_force_and_failures_leave_nothing(tmp_path, monkeypatch):

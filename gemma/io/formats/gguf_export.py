@@ -122,15 +122,32 @@ def _read_view(value):
   return v
 
 
+def llama_cpp_limits(cfg: ModelConfig) -> list[str]:
+  """What llama.cpp's runtime assumes beyond the file (our loader reads such files back)."""
+  out = []
+  if cfg.ple_dim and cfg.ple_vocab_size != cfg.vocab_size:
+    out.append(f"the per-layer embedding table must have the vocabulary's rows "
+               f"(ple_vocab_size={cfg.ple_vocab_size}, vocab_size={cfg.vocab_size})")
+  first = cfg.num_layers - cfg.num_kv_shared_layers
+  if cfg.num_kv_shared_layers:
+    # llama.cpp (`layer_reuse_cb` of gemma3n/gemma4): a KV-shared sliding layer reads layer
+    # first - 2, a KV-shared global layer layer first - 1
+    want = {s.index: first - (2 if s.window is not None else 1) for s in cfg.layers
+            if s.shares_kv}
+    got = {s.index: s.kv_source for s in cfg.layers if s.shares_kv}
+    if want != got:
+      out.append(f"KV sharing: llama.cpp's KV-shared layers read layer {first - 1} (global) "
+                 f"and {first - 2} (sliding), so the last non-shared layer must be global and "
+                 f"the one before it sliding; this config's layers {sorted(got)} read "
+                 f"{[got[i] for i in sorted(got)]}")
+  return out
+
+
 def _check_expressible(w, cfg: ModelConfig, arch: str, shapes: dict, rope_freqs) -> None:
   """Reads the metadata back with `gguf.read_config`; refuses what the file would change."""
   if cfg.attn_softcap:
     raise ValueError(f"GGUF {arch}: llama.cpp's {arch} architecture has no attention-logit "
                      f"soft-capping (attn_softcap={cfg.attn_softcap})")
-  if cfg.ple_dim and cfg.ple_vocab_size != cfg.vocab_size:
-    raise ValueError(f"GGUF gemma4: llama.cpp needs the per-layer embedding table to have the "
-                     f"vocabulary's rows (ple_vocab_size={cfg.ple_vocab_size}, "
-                     f"vocab_size={cfg.vocab_size})")
   view = GGUFFile.__new__(GGUFFile)  # the header only: metadata and tensor shapes
   view.path = Path(f"<{arch} export>")
   view.metadata = {k: _read_view(v) for k, v in w.kv_data[0].items()}
@@ -231,12 +248,15 @@ def _check_out(out_file, force: bool) -> Path:
 
 
 def export_gguf(params, cfg: ModelConfig, out_file, *, type: str = "f32", tokenizer=None,
-                tokenizer_source=None, force: bool = False) -> tuple[Path, list[str]]:
+                tokenizer_source=None, force: bool = False, strict: bool = True
+                ) -> tuple[Path, list[str]]:
   """Writes `params` as a GGUF file llama.cpp runs and `gemma.io.checkpoint.load` reads back.
 
   `type`: f32 | f16 | bf16 | q8_0 (see the module docstring for what each rounds).
   `tokenizer` / `tokenizer_source`: see `gguf_vocab.write_tokenizer` (a GGUF source's tokenizer
   metadata is copied; a SentencePiece model is written as pieces, scores and types).
+  `strict=False` writes a config llama.cpp's runtime cannot run although the file expresses it
+  (`llama_cpp_limits`: our loader reads it back exactly; llama.cpp does not) with a note.
   Returns (path, notes): what the export lost (dequantized weights, casts, rounding, tokenizer).
   Raises ValueError for a config the `gemma3` / `gemma4` architecture cannot express and
   `gemma.io.atomic.OutputExists` for an existing file without `force`; the file appears
@@ -255,6 +275,11 @@ def export_gguf(params, cfg: ModelConfig, out_file, *, type: str = "f32", tokeni
     tensors.insert(0, ("rope_freqs.weight", rope_freqs))
   shapes = {n: tuple(a.shape) for n, a in tensors}
   _check_expressible(w, cfg, arch, shapes, rope_freqs)
+  limits = llama_cpp_limits(cfg)
+  if limits and strict:
+    raise ValueError(f"llama.cpp's {arch} runtime cannot run this config: {'; '.join(limits)} "
+                     "(strict=False writes it anyway, for our own loader)")
+  notes += [f"llama.cpp will not run this file: {m}" for m in limits]
   notes += write_tokenizer(w, cfg.vocab_size, tokenizer, tokenizer_source)
   w.add_file_type(_FILE_TYPES[type])
   if type == "q8_0":
