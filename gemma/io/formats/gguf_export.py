@@ -218,8 +218,10 @@ class _Rounding:
     self.worst[qtype.name] = max(self.worst.get(qtype.name, 0.0), err)
 
   def notes(self, type: str) -> list[str]:
-    what = {"F16": "float16 (round to nearest even)", "BF16": "bfloat16 (round to nearest "
-            "even)", "Q8_0": "q8_0 (blocks of 32 with a float16 scale d: |error| <= d/2)"}
+    what = {"F16": "float16 (round to nearest even)",
+            "BF16": "bfloat16 (round to nearest even)",
+            "Q8_0": "q8_0 (blocks of 32, scale d = max|x|/127 in float16: |error| <= d/2 + "
+                    "127 x d's float16 rounding)"}
     out = [f"{n} tensors stored as {what[k]}: values rounded, largest change {self.worst[k]:.3g}"
            for k, n in sorted(self.count.items())]
     if type == "q8_0" and "F16" in self.count:
