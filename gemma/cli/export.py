@@ -4,6 +4,7 @@ JSON fields are a contract).
 
   gemma4 export --checkpoint PATH --format hf --out DIR [--dtype bfloat16|float32]
   gemma4 export --checkpoint PATH --format gguf --out FILE.gguf [--type f32|f16|bf16|q8_0]
+      [--any-config]
   gemma4 export --adapters RUN_DIR --format peft --out DIR
 
 Every export is written atomically; an existing --out needs --force. What the target format
@@ -40,6 +41,9 @@ def add_parser(sub, presets) -> None:
                   help="hf: stored float dtype (default bfloat16)")
   ex.add_argument("--type", choices=GGUF_TYPES, default=None,
                   help="gguf: tensor type of the weight matrices (default f32; norms stay f32)")
+  ex.add_argument("--any-config", action="store_true",
+                  help="gguf: also write a config that llama.cpp's runtime cannot run (e.g. a "
+                  "KV-sharing layout it does not take); our loader reads it back")
   ex.add_argument("--preset", choices=list(presets), default=None,
                   help="config of an official Orbax checkpoint (default: inferred)")
   ex.add_argument("--no-verify", dest="verify", action="store_false",
@@ -57,6 +61,8 @@ def _check_flags(args) -> None:
     raise ValueError(f"--format {args.format} exports a model: pass --checkpoint PATH (merge a "
                      "LoRA run first with `gemma4 merge-lora`, or export its adapters with "
                      "--format peft)")
+  if args.any_config and args.format != "gguf":
+    raise ValueError(f"--any-config is for --format gguf, not {args.format}")
   if args.type is not None and args.format != "gguf":
     raise ValueError(f"--type is for --format gguf, not {args.format} (use --dtype)")
   if args.dtype is not None and args.format != "hf":
@@ -96,7 +102,8 @@ def cmd_export(args) -> int:
                                        tokenizer_source=args.checkpoint, force=args.force)
     else:
       out, notes = gguf_export.export_gguf(params, cfg, args.out, type=args.type or "f32",
-                                           tokenizer_source=args.checkpoint, force=args.force)
+                                           tokenizer_source=args.checkpoint, force=args.force,
+                                           strict=not args.any_config)
   for note in notes:
     print(f"note: {note}", file=sys.stderr)
   print(f"wrote {out}")

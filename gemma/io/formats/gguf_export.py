@@ -280,7 +280,8 @@ def export_gguf(params, cfg: ModelConfig, out_file, *, type: str = "f32", tokeni
   limits = llama_cpp_limits(cfg)
   if limits and strict:
     raise ValueError(f"llama.cpp's {arch} runtime cannot run this config: {'; '.join(limits)} "
-                     "(strict=False writes it anyway, for our own loader)")
+                     "(strict=False, `gemma4 export --any-config`, writes it anyway, for our "
+                     "own loader)")
   notes += [f"llama.cpp will not run this file: {m}" for m in limits]
   notes += write_tokenizer(w, cfg.vocab_size, tokenizer, tokenizer_source)
   w.add_file_type(_FILE_TYPES[type])
