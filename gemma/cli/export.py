@@ -95,8 +95,11 @@ def cmd_export(args) -> int:
   if args.format == "peft":
     out, notes = peft_export.export_peft(args.adapters, args.out, force=args.force)
   else:
-    cfg, params = checkpoint.load(args.checkpoint, jnp.float32, preset=args.preset,
-                                  verify=args.verify)
+    # a bfloat16 HF export is read in bfloat16 (half the host memory, the same values);
+    # everything else in float32, which every stored dtype and type rounds from exactly
+    bf16 = args.format == "hf" and (args.dtype or "bfloat16") == "bfloat16"
+    cfg, params = checkpoint.load(args.checkpoint, jnp.bfloat16 if bf16 else jnp.float32,
+                                  preset=args.preset, verify=args.verify)
     if args.format == "hf":
       out, notes = hf_export.export_hf(params, cfg, args.out, dtype=args.dtype or "bfloat16",
                                        tokenizer_source=args.checkpoint, force=args.force)
