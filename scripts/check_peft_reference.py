@@ -82,9 +82,9 @@ def ours(args) -> int:
   from gemma.cli.train import cmd_merge_lora
   from gemma.io.checkpoint import load
   from gemma.io.formats.hf_export import export_hf
-  from gemma.io.formats.peft_export import export_peft
   from gemma.model.transformer import forward
   from gemma.training import load_trained, lora
+  from gemma.training.peft_export import export_peft
 
   work = Path(args.work).absolute()
   work.mkdir(parents=True, exist_ok=True)

@@ -169,7 +169,7 @@ def test_logits_evaluate_quantize_save(model, tmp_path):
   assert np.isfinite(ev.perplexity) and ev.mean_kl == 0 and ev.top1_agreement == 1
   q = model.quantize("tq4")
   assert q.recipe.name == "tq4" and model.recipe is None
-  assert isinstance(q.params.layers[0].attn.q, QArray)
+  assert isinstance(q.params.layers[0].attn.qkv, QArray)  # fused, as gemma.load serves
   ev_q = q.evaluate(text, context=32, reference=model, show_progress=False)
   assert ev_q.mean_kl > 0 and ev_q.reference_perplexity == pytest.approx(ev.perplexity)
   with pytest.raises(ValueError, match="already quantized"):

@@ -18,9 +18,9 @@ from gemma.io.atomic import OutputError, OutputExists
 from gemma.io.checkpoint import load
 from gemma.io.formats import hf
 from gemma.io.formats.inverse import named_arrays, source_tensors
-from gemma.io.formats.peft_export import CONFIG_FILE, WEIGHTS_FILE, export_peft, module_name
 from gemma.training import FinetuneConfig, lora
 from gemma.training.loop import checkpoint_manager, optimizer, save
+from gemma.training.peft_export import CONFIG_FILE, WEIGHTS_FILE, export_peft, module_name
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 SHORT = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]

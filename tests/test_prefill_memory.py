@@ -61,21 +61,21 @@ def _plan(capsys, *args) -> dict:
 
 def test_plan_counts_prefill_and_finds_the_longest_context(capsys):
   code, p = _plan(capsys, "--quant", "tq4", "--kv-quant", "tq3.5", "--context", "131072",
-                  "--device-memory", "26")
+                  "--device-memory", "24")
   assert code == 0 and p["fits"]
   assert p["total_bytes_per_device"] == (p["weight_bytes_per_device"] + p["cache_bytes_per_device"]
                                          + p["prefill_bytes_per_device"])
   assert p["prefill_chunk"] == decode.DEFAULT_PREFILL_CHUNK and p["prefill_bytes_per_device"] > 0
   longest = p["largest_context"]
   assert 131072 <= longest < p["model_context"]
-  _, at = _plan(capsys, "--quant", "tq4", "--kv-quant", "tq3.5", "--device-memory", "26",
+  _, at = _plan(capsys, "--quant", "tq4", "--kv-quant", "tq3.5", "--device-memory", "24",
                 "--context", str(longest))
-  _, past = _plan(capsys, "--quant", "tq4", "--kv-quant", "tq3.5", "--device-memory", "26",
+  _, past = _plan(capsys, "--quant", "tq4", "--kv-quant", "tq3.5", "--device-memory", "24",
                   "--context", str(longest + 1))
   assert at["fits"] and not past["fits"]
   # a smaller chunk has a smaller working set
   _, small = _plan(capsys, "--quant", "tq4", "--kv-quant", "tq3.5", "--context", "131072",
-                   "--device-memory", "26", "--prefill-chunk", "256")
+                   "--device-memory", "24", "--prefill-chunk", "256")
   assert small["prefill_bytes_per_device"] < p["prefill_bytes_per_device"] / 4
   assert small["largest_context"] > longest
 

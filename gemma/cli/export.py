@@ -22,7 +22,8 @@ import jax.numpy as jnp
 
 from gemma.io import checkpoint
 from gemma.io.atomic import OutputError, OutputExists, check_target
-from gemma.io.formats import gguf_export, hf_export, peft_export
+from gemma.io.formats import gguf_export, hf_export
+from gemma.training import peft_export
 
 FORMATS = ("hf", "gguf", "peft")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")

@@ -82,27 +82,32 @@ def prefill_working_set(cfg: ModelConfig, batch: int, chunk: int, context: int, 
   total += max((sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(c))
                 for c in copied), default=0) // (data * model)
   total += 2 * b * t * kv * h * a
-  # XLA's buffer assignment keeps about one [B, T, N, H] float32 buffer per layer apart (measured
-  # on CPU: +12 MB per layer for the 270M at 2048 tokens, dense and blockwise alike)
-  total += sum(b * t * n * spec.head_dim * 4 for spec in cfg.layers)
+  # XLA's buffer assignment keeps about 2/3 of a [B, T, N, H] float32 buffer per layer apart
+  # (measured on CPU, tiny dense models, from doubling the layers: 0.66-0.69 of one per extra
+  # layer; it was one before each einsum over two contracted axes ran as a 2-D matmul)
+  total += sum(b * t * n * spec.head_dim * 4 for spec in cfg.layers) * 2 // 3
   if cfg.attends_blockwise(t, keys):
     blk = cfg.attention_block
     total += 3 * b * n * min(blk, t) * min(blk, keys) * 4  # score, probability and mask blocks
     if cache.codec is not None:  # query blocks over codes: <= 64·block² floats of scores
-      total += 2 * 64 * blk * blk * 4
+      total += 3 * 64 * blk * blk * 4  # scores, probabilities, mask
   else:
     total += 2 * b * n * t * keys * 4  # logits and probabilities [B, N, T, S]
-  total += 3 * b * t * f * a  # gate, up and their product
+  total += 2 * b * t * f * a  # gate and up (XLA fuses their product into one pass)
   if cfg.use_moe:
     experts = cfg.num_experts // sizes.get("expert", 1)
     # routed copies of the tokens (in and out) and the experts' hidden activations, router logits
     routed = b * t * cfg.top_k_experts
-    total += routed * (2 * cfg.embed_dim + 3 * cfg.moe_ffn_dim) * a + b * t * max(1, experts) * 4
+    moe = routed * (2 * cfg.embed_dim + 3 * cfg.moe_ffn_dim) * a + b * t * max(1, experts) * 4
+    # a MoE layer keeps ~2 [B, T, N, H] float32 buffers per layer, not 2/3 (measured: 1.9-2.2 per
+    # extra layer): its routed activations twice covers it
+    total += 2 * moe
   total += 2 * b * cfg.vocab_size * 4  # last position's logits (and their soft-cap)
-  # Margin for what the terms miss (fusion temporaries, layout copies): against XLA's own buffer
-  # assignment of the compiled prefill (real Gemma 3 270M on CPU, chunks 512-4096, contexts
-  # 1K-32K, float and tq4 caches, blockwise and dense) the sum above was 0.76-1.06 of XLA's temp
-  # bytes; with 4/3 the estimate stays above it (1.01-1.41).
+  # Margin for what the terms miss (fusion temporaries, layout copies). Against XLA's own buffer
+  # assignment of the compiled prefill, with 4/3: 1.05-1.84 on the tests' tiny e2b / 26B-A4B /
+  # 31B families (float and tq4 caches), 1.07-1.93 on the real Gemma 3 270M (chunks 512-2048,
+  # contexts 4K-32K, float and tq4; 2026-12-05, after einsums over two contracted axes became
+  # 2-D matmuls and XLA stopped keeping a transposed copy per layer).
   return total * 4 // 3
 
 

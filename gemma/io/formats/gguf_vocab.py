@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from gemma.io.formats.gguf_file import GGUFFile, is_gguf
+
 # keys copied from a GGUF source, and the writer method that types each as llama.cpp reads it
 _COPIED = {
     "tokenizer.ggml.model": "add_tokenizer_model",
@@ -86,8 +88,6 @@ def _dir_template(folder: Path) -> str | None:
 
 
 def _copy_gguf(writer, source: Path, vocab_size: int, notes: list[str]) -> None:
-  from gemma.io.formats.gguf_file import GGUFFile
-
   meta = GGUFFile(source).metadata
   tokens = meta.get("tokenizer.ggml.tokens")
   if tokens is None:
@@ -175,8 +175,6 @@ def write_tokenizer(writer, vocab_size: int, tokenizer=None, source=None) -> lis
   `source`: the checkpoint the params came from (a GGUF file, a directory, a tokenizer.model);
   `tokenizer`: a loaded tokenizer (SentencePiece `Tokenizer`). A GGUF source wins (copied as
   is); else the SentencePiece model of `tokenizer`, else the source's `tokenizer.model`."""
-  from gemma.io.formats.gguf_file import is_gguf
-
   notes: list[str] = []
   source = Path(source) if source is not None else None
   if source is not None and is_gguf(source):

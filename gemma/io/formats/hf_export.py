@@ -28,8 +28,10 @@ import numpy as np
 from gemma.io import atomic
 from gemma.io.formats import hf
 from gemma.io.formats.common import log, progress
+from gemma.io.formats.gguf import GGUFFile
 from gemma.io.formats.hf_config import to_hf_config
 from gemma.io.formats.inverse import named_arrays, source_tensors
+from gemma.io.tokenizer_gguf import model_proto_from_gguf
 from gemma.model.config import ModelConfig
 from gemma.model.params import Params
 
@@ -136,9 +138,6 @@ def copy_tokenizer(source: str | Path | None, out: Path) -> list[str]:
             "original model)"]
   src = Path(source)
   if src.is_file() and src.suffix == ".gguf":
-    from gemma.io.formats.gguf import GGUFFile
-    from gemma.io.tokenizer_gguf import model_proto_from_gguf
-
     try:
       (out / "tokenizer.model").write_bytes(model_proto_from_gguf(GGUFFile(src)))
     except (NotImplementedError, ValueError) as e:

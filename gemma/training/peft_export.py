@@ -39,6 +39,7 @@ from gemma.io.atomic import atomic_dir, check_target
 from gemma.io.formats import hf
 from gemma.io.formats.common import Mapped, linear
 from gemma.io.formats.inverse import source_name
+from gemma.training.loop import load_trained
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -115,8 +116,6 @@ def export_peft(run_dir: str | Path, out: str | Path, *, force: bool = False,
   Raises OutputExists / OutputError (an existing `out` without `force`, or one that is not a
   PEFT adapter), ValueError for a full fine-tune (no adapters: export the model instead) and for
   targets PEFT cannot name, FileNotFoundError for a directory without training checkpoints."""
-  from gemma.training import load_trained
-
   target = check_target(out, force, kind="PEFT adapter", replaceable=is_peft_dir)
   trained, run_cfg, meta = load_trained(run_dir)
   if run_cfg.mode != "lora" or not isinstance(trained, dict):
