@@ -3,6 +3,7 @@ load each export back with the same logits and the same tokenizer; a LoRA run's 
 export as a PEFT adapter."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,6 +61,8 @@ def test_lora_run_exports_as_peft(e_style_ckpt, tmp_path, capsys):
   config = json.loads((out / "adapter_config.json").read_text())
   assert config["r"] == 4 and sorted(config["target_modules"]) == ["o_proj", "q_proj", "up_proj"]
   assert (out / "adapter_model.safetensors").exists()
-  # a directory that is not a LoRA run is refused
+  # a directory that is not a LoRA run is refused, and left as it was
+  before = sorted(p.name for p in Path(fixture_dir("e_style")).iterdir())
   assert main(["export", "--adapters", fixture_dir("e_style"), "--format", "peft",
                "--out", str(tmp_path / "none")]) == 2
+  assert sorted(p.name for p in Path(fixture_dir("e_style")).iterdir()) == before

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import jax.numpy as jnp
 
 from gemma.io import checkpoint
-from gemma.io.atomic import OutputError, OutputExists, check_target
+from gemma.io.atomic import check_target
 from gemma.io.formats import gguf_export, hf_export
 from gemma.training import peft_export
 
@@ -82,12 +81,7 @@ def _check_out(out: str, fmt: str, force: bool) -> None:
                  replaceable=lambda p: any((p / f).exists() for f in (
                      "config.json", "adapter_config.json")))
     return
-  path = Path(out).absolute()
-  if path.is_dir():
-    raise OutputError(f"cannot write the GGUF file {path}: it is a directory")
-  if path.exists() and not force:
-    raise OutputExists(f"{path} already exists (pass --force to replace it)")
-  check_target(path.parent, force=True)  # refuses a parent that is a file
+  gguf_export.check_out(out, force)
 
 
 def cmd_export(args) -> int:

@@ -143,10 +143,9 @@ def _advance(run: Runner, cache: KVCache, key: jax.Array, stop: np.ndarray, samp
 
   n = STEPS_PER_CALL
   scalar = place(jnp.zeros((), jnp.int32))
-  compiled = _compiled_decode_loop(cfg, sampler, n, *_signature(
-      (params, zeros, cache, key, scalar, scalar, place(jnp.asarray(stop)),
-       place(jnp.zeros((b,), bool)))))
   stop_ids = place(jnp.asarray(stop))
+  compiled = _compiled_decode_loop(cfg, sampler, n, *_signature(
+      (params, zeros, cache, key, scalar, scalar, stop_ids, place(jnp.zeros((b,), bool)))))
 
   def advance(ids, cache, step, done, want):
     new, ran, bad, cache = compiled(params, place(jnp.asarray(ids, jnp.int32)), cache, key,

@@ -20,6 +20,7 @@ saving, quantizing, LoRA and NNX work on the separate weights.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -62,9 +63,7 @@ def _split(w, shapes):
   """Inverse of `_concat`: [D, Σ] -> weights of [D, *shape] for each output shape."""
   out, start = [], 0
   for shape in shapes:
-    n = 1
-    for s in shape:
-      n *= s
+    n = math.prod(shape)
     if isinstance(w, QArray):
       parts = {f: getattr(w, f)[:, start:start + n].reshape(-1, *shape)
                for f in _QARRAY_PARTS if getattr(w, f) is not None}

@@ -245,7 +245,10 @@ def load_trained(out: str | Path) -> tuple[object, FinetuneConfig, dict]:
   adapters {name: LoraPair} or, for a full fine-tune, the whole Params."""
   import orbax.checkpoint as ocp
 
-  mgr = ocp.CheckpointManager(Path(out).absolute() / "checkpoints")
+  root = Path(out).absolute() / "checkpoints"
+  if not root.is_dir():  # the manager would create it: a read must not write
+    raise FileNotFoundError(f"{out}: no training checkpoint under {out}/checkpoints")
+  mgr = ocp.CheckpointManager(root)
   step = mgr.latest_step()
   if step is None:
     raise FileNotFoundError(f"{out}: no training checkpoint under {out}/checkpoints")

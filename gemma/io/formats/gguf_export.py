@@ -233,7 +233,7 @@ class _Rounding:
 
 
 # ------------------------------------------------------------------------------------ export
-def _check_out(out_file, force: bool) -> Path:
+def check_out(out_file, force: bool) -> Path:
   """The absolute output path; refuses a directory, a path under a file, and an existing file
   without `force` (before any work)."""
   out = Path(out_file).absolute()
@@ -267,7 +267,7 @@ def export_gguf(params, cfg: ModelConfig, out_file, *, type: str = "f32", tokeni
   gguf = _gguf()
   if type not in TYPES:
     raise ValueError(f"unknown GGUF type {type!r}; expected one of {', '.join(TYPES)}")
-  out = _check_out(out_file, force)
+  out = check_out(out_file, force)
   arch = architecture(cfg)
   w = gguf.GGUFWriter(None, arch)
   rope_freqs = _metadata(w, cfg, arch)
